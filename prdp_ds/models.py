@@ -1,0 +1,140 @@
+"""Models: Stable Diffusion parts from a local diffusers folder (or the hub when online), or a
+`tiny` family built from small configs with seeded random weights for tests and the CPU demo.
+
+Frozen parts (reference UNet, VAE, text encoder) carry no grad; the policy UNet is trainable.
+Weights load through safetensors only (`use_safetensors=True`): never an arbitrary pickle.
+"""
+import copy
+from dataclasses import dataclass
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+SD_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SD14_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                      num_train_timesteps=1000, steps_offset=1, set_alpha_to_one=False,
+                      clip_sample=False, prediction_type="epsilon")
+
+
+class ModelLoadError(RuntimeError):
+    """Model weights could not be found or loaded."""
+
+
+class OpenClipTokenizer:
+    """CLIP BPE tokenizer shipped with open_clip (works offline): prompts -> (n, context) ids."""
+
+    def __init__(self, context_length):
+        from open_clip.tokenizer import SimpleTokenizer
+        self.context_length = context_length
+        self._tok = SimpleTokenizer(context_length=context_length)
+
+    def __call__(self, prompts):
+        return self._tok(list(prompts), context_length=self.context_length)
+
+
+class HFTokenizer:
+    """A transformers CLIPTokenizer padded to its max length: prompts -> (n, 77) ids."""
+
+    def __init__(self, tokenizer):
+        self._tok = tokenizer
+
+    def __call__(self, prompts):
+        return self._tok(list(prompts), padding="max_length", truncation=True,
+                         max_length=self._tok.model_max_length, return_tensors="pt").input_ids
+
+
+@dataclass
+class Models:
+    unet: torch.nn.Module          # the policy, trainable
+    ref_unet: torch.nn.Module      # frozen copy of the initial UNet (pi_ref)
+    vae: torch.nn.Module           # frozen
+    text_encoder: torch.nn.Module  # frozen
+    tokenizer: object              # prompts -> (n, L) token ids
+    scheduler: DDIMScheduler
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts):
+        """list of n prompts -> (n, L, dim) text embeddings in the text encoder's dtype."""
+        device = next(self.text_encoder.parameters()).device
+        return self.text_encoder(self.tokenizer(prompts).to(device))[0]
+
+    @torch.no_grad()
+    def decode(self, latents):
+        """(n, C, h, w) latents -> (n, 3, H, W) fp32 images in [0, 1]."""
+        vae_dtype = next(self.vae.parameters()).dtype
+        images = self.vae.decode(latents.to(vae_dtype) / self.vae.config.scaling_factor).sample
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    def to(self, device, frozen_dtype=None):
+        """Move everything to `device`; frozen parts optionally cast to `frozen_dtype` (bf16 on GPU)."""
+        self.unet.to(device)
+        for m in (self.ref_unet, self.vae, self.text_encoder):
+            m.to(device=device, dtype=frozen_dtype or next(m.parameters()).dtype)
+        return self
+
+
+def _freeze(module):
+    module.requires_grad_(False)
+    return module.eval()
+
+
+def make_scheduler(config=None):
+    """A DDIM scheduler (SD v1.4's schedule unless `config` is given), refusing what SPEC §2
+    cannot express: x0 clipping, thresholding and non-epsilon predictions."""
+    scheduler = DDIMScheduler.from_config(dict(config or SD14_SCHEDULER))
+    cfg = scheduler.config
+    if cfg.clip_sample or cfg.thresholding or cfg.prediction_type != "epsilon":
+        raise ModelLoadError("the PRDP sampler needs clip_sample=False, thresholding=False and "
+                             f"prediction_type='epsilon'; the scheduler config has clip_sample={cfg.clip_sample}, "
+                             f"thresholding={cfg.thresholding}, prediction_type={cfg.prediction_type!r}")
+    return scheduler
+
+
+TINY = dict(resolution=32, latent_channels=4, text_dim=32, context_length=16)
+
+
+def build_tiny(seed=0):
+    """Tiny SD-shaped models with seeded random weights: 32x32 images, 4x8x8 latents."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=TINY["text_dim"], attention_head_dim=8, norm_num_groups=8)
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
+            down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+            layers_per_block=1, norm_num_groups=8, sample_size=32)
+        from transformers import CLIPTextConfig, CLIPTextModel
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=49408, hidden_size=TINY["text_dim"], intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=TINY["context_length"]))
+    return Models(unet=unet, ref_unet=_freeze(copy.deepcopy(unet)), vae=_freeze(vae),
+                  text_encoder=_freeze(text_encoder),
+                  tokenizer=OpenClipTokenizer(TINY["context_length"]), scheduler=make_scheduler())
+
+
+def load_pretrained(source):
+    """Stable Diffusion v1.x parts from a local diffusers folder (or a hub id, online only)."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+    try:
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", use_safetensors=True)
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", use_safetensors=True)
+        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", use_safetensors=True)
+        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
+        scheduler_config = DDIMScheduler.load_config(source, subfolder="scheduler")
+    except (OSError, ValueError, ImportError) as err:
+        raise ModelLoadError(
+            f"cannot load Stable Diffusion from model.pretrained={source!r}: {err}\n"
+            f"Expected a diffusers folder holding {', '.join(SD_SUBFOLDERS)} with .safetensors weights "
+            "(e.g. CompVis/stable-diffusion-v1-4, downloaded where there is network). Put it on this "
+            "machine and set model.pretrained=/path/to/that/folder; hub ids only work online.") from err
+    scheduler = make_scheduler({**SD14_SCHEDULER, **{k: v for k, v in scheduler_config.items() if k in SD14_SCHEDULER}})
+    return Models(unet=unet, ref_unet=_freeze(copy.deepcopy(unet)), vae=_freeze(vae),
+                  text_encoder=_freeze(text_encoder), tokenizer=HFTokenizer(tokenizer), scheduler=scheduler)
+
+
+def load_models(source, seed=0):
+    """`source` is 'tiny' or a Stable Diffusion folder / hub id."""
+    return build_tiny(seed) if source == "tiny" else load_pretrained(source)

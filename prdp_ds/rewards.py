@@ -1,0 +1,164 @@
+"""Rewards: black-box scorers of images, a registry by name, and weighted sums (SPEC §8).
+
+A reward is a callable (images, prompts) -> scores: images (n, 3, H, W) float in [0, 1], prompts a
+list of n strings, scores (n,) float. It runs without grad. A reward is made by a factory
+registered under a name; `build_reward` turns a config such as
+
+    {jpeg_compressibility: 1.0, brightness: {weight: 0.5}, "my_pkg.scores:sharpness": 2.0}
+
+into a `CombinedReward`, whose call returns the weighted total and each component's scores.
+A key holding ':' names a user's callable "module:function" with the same signature (given
+options, the function is a factory called with them that returns the callable). Named
+combinations (COMBINATIONS) expand to their components.
+"""
+import importlib
+import inspect
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+
+_REGISTRY = {}
+
+# The paper's multi-reward run (Table 3): 10 PickScore + 2 HPSv2 + 0.05 Aesthetic.
+COMBINATIONS = {"multi_reward": {"pickscore": 10.0, "hpsv2": 2.0, "aesthetic": 0.05}}
+
+
+class RewardError(ValueError):
+    """A reward is misconfigured or returned unusable scores."""
+
+
+class NonFiniteRewardError(RewardError):
+    """A reward returned NaN or inf; `prompts` lists the prompts of the offending images."""
+
+    def __init__(self, message, prompts):
+        super().__init__(message)
+        self.prompts = prompts
+
+
+def register_reward(name):
+    """Decorator: register `factory(device, **options) -> reward callable` under `name`."""
+    def wrap(factory):
+        if name in _REGISTRY:
+            raise RewardError(f"reward {name!r} is already registered")
+        _REGISTRY[name] = factory
+        return factory
+    return wrap
+
+
+def available_rewards():
+    return sorted(_REGISTRY) + sorted(COMBINATIONS)
+
+
+def _import_callable(path):
+    module_name, _, attr = path.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise RewardError(f"custom reward {path!r}: cannot import {attr!r} from {module_name!r} ({err})") from err
+
+
+def _make_one(name, options, device):
+    if ":" in name:
+        fn = _import_callable(name)
+        return fn(**options) if options else fn
+    if name not in _REGISTRY:
+        raise RewardError(f"unknown reward {name!r}; available: {', '.join(available_rewards())} "
+                          "or a 'module:function' path")
+    factory = _REGISTRY[name]
+    params = inspect.signature(factory).parameters
+    unknown = sorted(set(options) - set(params) - {"device"})
+    if unknown:
+        valid = sorted(p for p in params if p != "device")
+        raise RewardError(f"reward {name!r}: unknown option(s) {unknown}; valid options: {valid}")
+    return factory(device=device, **options)
+
+
+def check_scores(name, scores, prompts):
+    """Validate a reward's output: a finite (n,) tensor. Returns it as fp32."""
+    n = len(prompts)
+    if not isinstance(scores, torch.Tensor):
+        scores = torch.as_tensor(np.asarray(scores))
+    if scores.shape != (n,):
+        raise RewardError(f"reward {name!r} returned shape {tuple(scores.shape)}, expected ({n},)")
+    scores = scores.float()
+    bad = ~torch.isfinite(scores)
+    if bad.any():
+        offending = [p for p, b in zip(prompts, bad.tolist()) if b]
+        raise NonFiniteRewardError(f"reward {name!r} returned non-finite scores for prompts {offending}", offending)
+    return scores
+
+
+class CombinedReward:
+    """Weighted sum of rewards. Call -> (total (n,), {component name: scores (n,)})."""
+
+    def __init__(self, spec, device="cpu"):
+        if not isinstance(spec, dict) or not spec:
+            raise RewardError(f"reward config must be a non-empty mapping name -> weight, got {spec!r}")
+        self.components = {}
+        for name, value in self._expand(spec).items():
+            options = dict(value) if isinstance(value, dict) else {"weight": value}
+            weight = options.pop("weight", 1.0)
+            if not isinstance(weight, (int, float)) or isinstance(weight, bool):
+                raise RewardError(f"reward {name!r}: weight must be a number, got {weight!r}")
+            self.components[name] = (float(weight), _make_one(name, options, device))
+
+    @staticmethod
+    def _expand(spec):
+        out = {}
+        for name, value in spec.items():
+            if name in COMBINATIONS:
+                scale = value if isinstance(value, (int, float)) else 1.0
+                out.update({k: w * scale for k, w in COMBINATIONS[name].items()})
+            else:
+                out[name] = value
+        return out
+
+    @torch.no_grad()
+    def __call__(self, images, prompts):
+        prompts = list(prompts)
+        if images.dim() != 4 or images.shape[1] != 3 or images.shape[0] != len(prompts):
+            raise RewardError(f"rewards take images (n, 3, H, W) with n = len(prompts) = {len(prompts)}, "
+                              f"got {tuple(images.shape)}")
+        parts = {name: check_scores(name, fn(images, prompts), prompts).to(images.device)
+                 for name, (_, fn) in self.components.items()}
+        total = sum(self.components[name][0] * s for name, s in parts.items())
+        return total, parts
+
+
+def build_reward(spec, device="cpu"):
+    return CombinedReward(spec, device)
+
+
+def _to_uint8(images):
+    """(n, 3, H, W) in [0, 1] -> list of (H, W, 3) uint8 arrays."""
+    arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return list(arr)
+
+
+def _jpeg_kb(images, quality):
+    sizes = []
+    for arr in _to_uint8(images):
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
+        sizes.append(buf.tell() / 1000.0)
+    return torch.tensor(sizes, dtype=torch.float32, device=images.device)
+
+
+@register_reward("jpeg_compressibility")
+def jpeg_compressibility(device="cpu", quality=95):
+    """Minus the JPEG size in kB (DDPO's compressibility reward): smaller files score higher."""
+    return lambda images, prompts: -_jpeg_kb(images, quality)
+
+
+@register_reward("jpeg_incompressibility")
+def jpeg_incompressibility(device="cpu", quality=95):
+    """The JPEG size in kB (DDPO's incompressibility reward): larger files score higher."""
+    return lambda images, prompts: _jpeg_kb(images, quality)
+
+
+@register_reward("brightness")
+def brightness(device="cpu"):
+    """Mean pixel value in [0, 1]."""
+    return lambda images, prompts: images.float().mean(dim=(1, 2, 3))

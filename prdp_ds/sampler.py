@@ -1,0 +1,140 @@
+"""Sampler: DDIM with eta = 1 and classifier-free guidance, recording what PRDP needs (SPEC §2).
+
+Per step, with guided prediction eps_hat = eps_u + w (eps_c - eps_u):
+    x0_hat   = (x_t - sqrt(1 - ab_t) eps_hat) / sqrt(ab_t)
+    sigma_t^2 = eta^2 (1 - ab_prev) / (1 - ab_t) (1 - ab_t / ab_prev)
+    mu       = sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev - sigma_t^2) eps_hat = a_t x_t + b_t eps_hat
+    x_{t-1}  = mu + sigma_t z
+Each image draws its start latent and all step noises from its own seed, so a (seed, prompt)
+gives the same trajectory at any batch size and on any rank. The frozen reference UNet's guided
+prediction eps_ref at the same x_t and the cancellation-free log-ratio r_old (SPEC §3) are
+recorded beside the trajectory; images are decoded to [0, 1].
+"""
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from prdp_ds.logratio import cfg_step_log_ratio, guided_eps
+
+
+@dataclass
+class StepSchedule:
+    timesteps: torch.Tensor  # (T,) long, descending
+    a: torch.Tensor          # (T,) fp32, coefficient of x_t in mu
+    b: torch.Tensor          # (T,) fp32, coefficient of eps_hat in mu
+    sigma: torch.Tensor      # (T,) fp32, policy std per step
+
+    def to(self, device):
+        return StepSchedule(*(t.to(device) for t in (self.timesteps, self.a, self.b, self.sigma)))
+
+
+def step_schedule(scheduler, num_steps, eta=1.0):
+    """The T-step DDIM subsequence and its per-step (a_t, b_t, sigma_t), from the scheduler's own
+    alphas_cumprod, timesteps and final_alpha_cumprod; computed in fp64, stored in fp32."""
+    if not 0 < eta <= 1:
+        raise ValueError(f"sampler.eta must be in (0, 1] (the policy needs sigma_t > 0), got {eta}")
+    scheduler.set_timesteps(num_steps)
+    timesteps = scheduler.timesteps.long().cpu()
+    abar = scheduler.alphas_cumprod.double()
+    stride = scheduler.config.num_train_timesteps // num_steps
+    ab_t = abar[timesteps]
+    prev = timesteps - stride
+    ab_prev = torch.where(prev >= 0, abar[prev.clamp(min=0)], torch.as_tensor(float(scheduler.final_alpha_cumprod)).double())
+    var = (1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev)
+    sigma = eta * var.sqrt()
+    a = ab_prev.sqrt() / ab_t.sqrt()
+    b = (1 - ab_prev - sigma**2).sqrt() - ab_prev.sqrt() * (1 - ab_t).sqrt() / ab_t.sqrt()
+    return StepSchedule(timesteps, a.float(), b.float(), sigma.float())
+
+
+def image_seeds(base_seed, epoch, group_ids, images_per_group):
+    """(G, B) int64 seeds, a pure function of (base_seed, epoch, global group id, image index)."""
+    seeds = [[int(np.random.SeedSequence([base_seed, epoch, int(g), i]).generate_state(1, np.uint64)[0] >> 1)
+              for i in range(images_per_group)] for g in group_ids]
+    return torch.tensor(seeds, dtype=torch.int64)
+
+
+def image_noise(seed, num_steps, latent_shape):
+    """(T + 1, C, h, w) fp32 standard normal from one image's seed: x_T, then z for each step."""
+    gen = torch.Generator().manual_seed(int(seed))
+    return torch.randn((num_steps + 1, *latent_shape), generator=gen)
+
+
+def cfg_predict(unet, x, t, cond, uncond):
+    """UNet on the CFG batch [uncond; cond] at latents x (n, C, h, w), timestep t -> (eps_u, eps_c),
+    each (n, C, h, w) in the UNet's dtype. cond, uncond: (n, L, dim) text embeddings."""
+    dtype = next(unet.parameters()).dtype
+    n = x.shape[0]
+    x2 = torch.cat([x, x]).to(dtype)
+    emb = torch.cat([uncond, cond]).to(dtype)
+    out = unet(x2, t.expand(2 * n).to(x.device), emb).sample
+    return out[:n], out[n:]
+
+
+@dataclass
+class Trajectories:
+    prompts: list                # G prompts
+    seeds: torch.Tensor          # (G, B) int64
+    latents: torch.Tensor        # (G, B, T + 1, C, h, w) fp32: x_T ... x_0
+    eps_old: torch.Tensor        # (G, B, T, C, h, w) fp32 guided prediction of the sampling policy
+    eps_ref: torch.Tensor        # (G, B, T, C, h, w) fp32 guided prediction of the reference UNet
+    log_ratio_old: torch.Tensor  # (G, B, T) fp32 log pi_old - log pi_ref at the sampled steps
+    schedule: StepSchedule
+    images: torch.Tensor         # (G, B, 3, H, W) fp32 in [0, 1]
+
+    @property
+    def flat_prompts(self):
+        """The G * B prompts in image order (group-major)."""
+        return [p for p in self.prompts for _ in range(self.seeds.shape[1])]
+
+
+@torch.no_grad()
+def sample(models, prompts, seeds, num_steps, guidance_scale, eta=1.0, batch_size=16,
+           reduction="sum", impl="torch", with_reference=True):
+    """Sample G groups x B images (seeds (G, B)) with the policy `models.unet`.
+
+    batch_size: images per UNet call (the CFG batch is twice that). With with_reference=False only
+    latents and images are filled (evaluation); eps_old, eps_ref and log_ratio_old are None.
+    """
+    G, B = seeds.shape
+    if len(prompts) != G:
+        raise ValueError(f"sample: {len(prompts)} prompts for seeds of shape {tuple(seeds.shape)}")
+    unet = models.unet
+    device = next(unet.parameters()).device
+    cfg = unet.config
+    latent_shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    sched = step_schedule(models.scheduler, num_steps, eta).to(device)
+    T = num_steps
+    n = G * B
+    cond_all = models.encode_prompts(list(prompts)).repeat_interleave(B, dim=0)
+    uncond = models.encode_prompts([""])
+    latents = torch.empty((n, T + 1, *latent_shape), device=device)
+    eps_old = torch.empty((n, T, *latent_shape), device=device) if with_reference else None
+    eps_ref = torch.empty_like(eps_old) if with_reference else None
+    r_old = torch.empty((n, T), device=device) if with_reference else None
+    flat_seeds = seeds.reshape(-1).tolist()
+    for lo in range(0, n, batch_size):
+        idx = slice(lo, min(lo + batch_size, n))
+        noise = torch.stack([image_noise(s, T, latent_shape) for s in flat_seeds[idx]]).to(device)
+        cond = cond_all[idx]
+        unc = uncond.expand(cond.shape[0], -1, -1)
+        x = noise[:, 0]
+        latents[idx, 0] = x
+        for k in range(T):
+            t, a, b, s = sched.timesteps[k], sched.a[k], sched.b[k], sched.sigma[k]
+            eps_u, eps_c = cfg_predict(unet, x, t, cond, unc)
+            eps = guided_eps(eps_u.float(), eps_c.float(), guidance_scale)
+            x_prev = a * x + b * eps + s * noise[:, k + 1]
+            if with_reference:
+                ref_u, ref_c = cfg_predict(models.ref_unet, x, t, cond, unc)
+                eps_ref[idx, k] = guided_eps(ref_u.float(), ref_c.float(), guidance_scale)
+                eps_old[idx, k] = eps
+                r_old[idx, k] = cfg_step_log_ratio(eps_u, eps_c, guidance_scale, eps_ref[idx, k], x, x_prev,
+                                                   a, b, s, reduction, impl)
+            latents[idx, k + 1] = x_prev
+            x = x_prev
+    images = torch.cat([models.decode(latents[lo:lo + batch_size, -1]) for lo in range(0, n, batch_size)])
+    shape = lambda t: None if t is None else t.reshape(G, B, *t.shape[1:])  # noqa: E731
+    return Trajectories(list(prompts), seeds, shape(latents), shape(eps_old), shape(eps_ref),
+                        shape(r_old), sched, shape(images))

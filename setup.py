@@ -1,0 +1,30 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="prdp_ds",
+    version="0.1.0",
+    description="PRDP (Proximal Reward Difference Prediction) reward finetuning of Stable Diffusion "
+                "with DeepSpeed ZeRO and Triton kernels",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["prdp_ds", "prdp_ds.*", "kernels", "kernels.*"]),
+    package_data={"prdp_ds": ["presets/*.yaml"]},
+    install_requires=[
+        "torch>=2.4",
+        "torchvision",
+        "deepspeed>=0.19.8",
+        "diffusers>=0.30",
+        "transformers>=4.44",
+        "triton>=3.0",
+        "open_clip_torch>=2.24",
+        "pyyaml",
+        "safetensors",
+        "tqdm",
+        "tensorboard",
+        "matplotlib",
+        "pillow",
+        "numpy",
+    ],
+    extras_require={"test": ["pytest>=7.4"]},
+)
