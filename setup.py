@@ -15,6 +15,7 @@ setup(
         "torchvision",
         "deepspeed>=0.19.8",
         "diffusers>=0.30",
+        "accelerate",
         "transformers>=4.44",
         "triton>=3.0",
         "open_clip_torch>=2.24",
