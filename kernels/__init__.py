@@ -1,2 +1,21 @@
 """Triton kernels for prdp_ds (SPEC §7). Each module holds its kernels, launcher, autograd.Function
-and names its PyTorch reference."""
+and names its PyTorch reference:
+
+- step_log_ratio_triton  (kernels.step_logratio): per-step CFG log-ratio, (rows, D) -> (rows,)
+- rdp_loss_triton        (kernels.rdp_loss): the PRDP loss on (G, B, T) log-ratios -> scalar
+- fused_prdp_loss_triton (kernels.fused): both over whole (G, B, T, D...) trajectories -> scalar
+"""
+import os
+
+import torch
+
+# Triton kernels run under the interpreter on machines without a GPU; this must be set before any
+# kernel module is imported (SPEC §12).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from kernels.step_logratio import step_log_ratio_triton  # noqa: E402
+from kernels.rdp_loss import rdp_loss_triton  # noqa: E402
+from kernels.fused import fused_prdp_loss_triton  # noqa: E402
+
+__all__ = ["step_log_ratio_triton", "rdp_loss_triton", "fused_prdp_loss_triton"]

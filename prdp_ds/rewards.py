@@ -162,3 +162,4 @@ def jpeg_incompressibility(device="cpu", quality=95):
 def brightness(device="cpu"):
     """Mean pixel value in [0, 1]."""
     return lambda images, prompts: images.float().mean(dim=(1, 2, 3))
+from prdp_ds import reward_models  # noqa: E402,F401  registers hpsv2, pickscore, aesthetic

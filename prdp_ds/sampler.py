@@ -62,13 +62,14 @@ def image_noise(seed, num_steps, latent_shape):
 
 
 def cfg_predict(unet, x, t, cond, uncond):
-    """UNet on the CFG batch [uncond; cond] at latents x (n, C, h, w), timestep t -> (eps_u, eps_c),
-    each (n, C, h, w) in the UNet's dtype. cond, uncond: (n, L, dim) text embeddings."""
+    """UNet on the CFG batch [uncond; cond] at latents x (n, C, h, w), timesteps t (scalar or (n,))
+    -> (eps_u, eps_c), each (n, C, h, w) in the UNet's dtype. cond, uncond: (n, L, dim)."""
     dtype = next(unet.parameters()).dtype
     n = x.shape[0]
     x2 = torch.cat([x, x]).to(dtype)
     emb = torch.cat([uncond, cond]).to(dtype)
-    out = unet(x2, t.expand(2 * n).to(x.device), emb).sample
+    t = t.to(x.device).reshape(-1).expand(n)
+    out = unet(x2, torch.cat([t, t]), emb).sample
     return out[:n], out[n:]
 
 
@@ -82,6 +83,10 @@ class Trajectories:
     log_ratio_old: torch.Tensor  # (G, B, T) fp32 log pi_old - log pi_ref at the sampled steps
     schedule: StepSchedule
     images: torch.Tensor         # (G, B, 3, H, W) fp32 in [0, 1]
+
+    def flat(self, name):
+        """A (G, B, ...) field as (G * B, ...), images in group-major order."""
+        return getattr(self, name).flatten(0, 1)
 
     @property
     def flat_prompts(self):
@@ -102,7 +107,7 @@ def sample(models, prompts, seeds, num_steps, guidance_scale, eta=1.0, batch_siz
         raise ValueError(f"sample: {len(prompts)} prompts for seeds of shape {tuple(seeds.shape)}")
     unet = models.unet
     device = next(unet.parameters()).device
-    cfg = unet.config
+    cfg = getattr(unet, "module", unet).config  # a DeepSpeed engine wraps the UNet
     latent_shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
     sched = step_schedule(models.scheduler, num_steps, eta).to(device)
     T = num_steps

@@ -1,0 +1,193 @@
+"""Training configuration: dataclasses, named YAML presets, and `--set a.b=v` overrides.
+
+Resolution order: dataclass defaults < preset (or --train-config FILE) < --set overrides. Every
+key is checked against the dataclasses: unknown keys are rejected with the valid ones listed,
+values are type-checked. The resolved config is printed once and saved with every checkpoint.
+"""
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str = "tiny"              # 'tiny' (random-weight test models) or a local diffusers SD v1.x folder
+    seed: int = 0                         # seed of the tiny models' random weights
+    gradient_checkpointing: bool = False  # UNet activation checkpointing in pass 2 (use_reentrant=False)
+
+
+@dataclass
+class SamplerConfig:
+    num_steps: int = 50          # T, DDIM steps per trajectory
+    guidance_scale: float = 5.0  # w, classifier-free guidance scale
+    eta: float = 1.0             # DDIM eta (policy std scale); must be > 0
+    batch_size: int = 16         # images per UNet call while sampling (the CFG batch is twice that)
+
+
+@dataclass
+class LossConfig:
+    kl_weight: float = 3e-5      # beta, KL weight (reward units per nat)
+    clip_range: float = 1e-6     # epsilon, stepwise proximal clip range (nats)
+    reduction: str = "sum"       # 'sum' (true log-likelihood, paper) or 'mean' over latent elements (rescales beta by D)
+    impl: str = "auto"           # 'auto' (triton on CUDA, torch elsewhere), 'torch' or 'triton'
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100            # E, sampling rounds
+    steps_per_epoch: int = 10    # K, optimizer steps per sampling round
+    prompts_per_epoch: int = 32  # N, prompt groups per epoch over all ranks (divisible by the world size)
+    images_per_prompt: int = 16  # B, images per prompt group
+    lr: float = 1e-5             # AdamW learning rate
+    weight_decay: float = 1e-4   # AdamW weight decay
+    adam_betas: typing.List[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
+    adam_eps: float = 1e-8       # AdamW epsilon
+    grad_clip: float = 1.0       # global gradient-norm clip
+    images_per_chunk: int = 4    # images per pass-2 backward (the CFG batch is 2 x images x steps)
+    steps_per_chunk: int = 1     # denoising steps per pass-2 backward
+    seed: int = 0                # seeds prompts and per-image noise: (seed, epoch, group, image)
+    max_bad_steps: int = 3       # stop after this many skipped (non-finite) steps in a row
+
+
+@dataclass
+class PromptsConfig:
+    source: str = "animals"      # 'animals' (45 common animals) or a local .txt file, one prompt per line
+    template: str = "{}"         # format string applied to each prompt, e.g. 'A painting of a {}'
+
+
+@dataclass
+class OutputConfig:
+    save_every: int = 10         # epochs between checkpoints (the last epoch is always saved)
+    sample_every: int = 5        # epochs between sample grids (samples/epoch_XXXX.png)
+    eval_prompts: typing.List[str] = field(default_factory=lambda: ["cat", "dog", "horse", "fox"])  # grid rows (templated)
+    eval_images: int = 4         # grid columns: fixed seeds per eval prompt
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    reward: typing.Dict[str, typing.Any] = field(default_factory=lambda: {"brightness": 1.0})  # name -> weight or {weight, options}
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid."""
+
+
+CHOICES = {"loss.reduction": ("sum", "mean"), "loss.impl": ("auto", "torch", "triton")}
+
+
+def _check_value(key, value, typ):
+    origin = typing.get_origin(typ)
+    if typ is float and not isinstance(value, bool) and isinstance(value, (int, str)):
+        try:  # YAML 1.1 reads '1e-5' as a string
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected float, got {value!r}") from None
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(typ)
+        return [_check_value(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    if not isinstance(value, typ) or (typ is not bool and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {typ.__name__}, got {type(value).__name__} {value!r}")
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ConfigError(f"{key}: expected one of {CHOICES[key]}, got {value!r}")
+    return value
+
+
+def valid_keys(cls=Config, prefix=""):
+    keys = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default):
+            keys += valid_keys(f.default_factory().__class__, f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _apply(obj, data, prefix=""):
+    hints = typing.get_type_hints(type(obj))
+    for name, value in data.items():
+        key = prefix + name
+        if name not in hints:
+            raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(valid_keys())}")
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a mapping of {key}.* keys, got {value!r}")
+            _apply(current, value, key + ".")
+        else:
+            setattr(obj, name, _check_value(key, value, hints[name]))
+
+
+def parse_override(text):
+    """'a.b=v' -> {'a': {'b': v}}, v parsed as YAML (so 1e-5, true, [1, 2] work)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    value = yaml.safe_load(raw) if raw else ""
+    node = {}
+    out = node
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node[p] = {}
+        node = node[p]
+    node[parts[-1]] = value
+    return out
+
+
+def preset_names():
+    return sorted(p.name[:-5] for p in resources.files("prdp_ds.presets").iterdir() if p.name.endswith(".yaml"))
+
+
+def load_yaml(path):
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read training config {path}: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"training config {path}: expected a mapping at the top level")
+    return data
+
+
+def resolve(preset=None, config_file=None, overrides=()):
+    """Build a Config from defaults, a preset name or YAML file, and --set overrides."""
+    if preset and config_file:
+        raise ConfigError("give --preset or --train-config, not both")
+    cfg = Config()
+    if preset:
+        if preset not in preset_names():
+            raise ConfigError(f"unknown preset {preset!r}; available: {', '.join(preset_names())}")
+        _apply(cfg, load_yaml(resources.files("prdp_ds.presets") / f"{preset}.yaml"))
+    elif config_file:
+        _apply(cfg, load_yaml(config_file))
+    for text in overrides:
+        _apply(cfg, parse_override(text))
+    return cfg
+
+
+def to_dict(cfg):
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data):
+    cfg = Config()
+    _apply(cfg, data)
+    return cfg
+
+
+def dump(cfg):
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

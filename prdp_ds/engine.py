@@ -1,0 +1,110 @@
+"""DeepSpeed setup: distributed init, the DeepSpeed config, and the engine around the policy UNet.
+
+The training config owns batch sizes, accumulation, gradient clipping and the optimizer; they are
+written into the DeepSpeed JSON, and a JSON that sets one of them to another value is an error.
+Accumulation equals the number of pass-2 backward calls per optimizer step (SPEC §6): ZeRO-2
+reduces gradients on every `engine.backward`, and with fewer accumulation steps than backward
+calls it silently produces wrong gradients. Each backward uses scale_wrt_gas=False, so the summed
+gradient is exactly that of the loss.
+"""
+import json
+import math
+import os
+import socket
+
+import torch
+
+OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+         "gradient_clipping", "optimizer", "scheduler")
+
+
+def init_distributed():
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU). Returns (rank, world_size, device)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "WORLD_SIZE" not in os.environ:  # plain `python -m prdp_ds.train`: a one-process group
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
+    import deepspeed
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                   verbose=False)
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def batch_arithmetic(cfg, world_size):
+    """The per-rank and per-step sizes implied by the config (raises on an impossible split)."""
+    t = cfg.train
+    if t.prompts_per_epoch % world_size:
+        raise ValueError(f"train.prompts_per_epoch={t.prompts_per_epoch} must be divisible by the world size {world_size}")
+    groups = t.prompts_per_epoch // world_size
+    images = groups * t.images_per_prompt
+    image_chunks = math.ceil(images / t.images_per_chunk)
+    step_chunks = math.ceil(cfg.sampler.num_steps / t.steps_per_chunk)
+    return dict(world_size=world_size, groups_per_rank=groups, images_per_rank=images,
+                images_per_epoch=images * world_size, backward_calls_per_step=image_chunks * step_chunks,
+                unet_cfg_rows_per_backward=2 * t.images_per_chunk * t.steps_per_chunk)
+
+
+def load_ds_json(path):
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"--config {path}: cannot read DeepSpeed JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a JSON object")
+    return data
+
+
+def build_ds_config(ds_json, cfg, world_size, path="--config"):
+    """The DeepSpeed config: the user's JSON plus the values the training config owns."""
+    arith = batch_arithmetic(cfg, world_size)
+    gas = arith["backward_calls_per_step"]
+    micro = cfg.train.images_per_chunk
+    owned = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": gas,
+             "train_batch_size": micro * gas * world_size, "gradient_clipping": cfg.train.grad_clip}
+    out = dict(ds_json)
+    for key in OWNED:
+        if key in ds_json and ds_json[key] != owned.get(key):
+            where = {"optimizer": "train.lr / train.weight_decay / train.adam_*", "scheduler": "(constant lr)"}
+            raise ValueError(f"{path}: {key!r} is owned by the training config "
+                             f"({where.get(key, 'derived from train.* and sampler.num_steps')}); "
+                             f"remove it from the JSON (it says {ds_json[key]!r}, the training config gives {owned.get(key)!r})")
+    out.update(owned)
+    bf16 = out.get("bf16", {}).get("enabled", "auto")
+    if bf16 == "auto":
+        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    out["bf16"] = {**out.get("bf16", {}), "enabled": bool(bf16)}
+    zero = out.setdefault("zero_optimization", {})
+    if zero.get("offload_optimizer", {}).get("device") == "cpu":
+        out["zero_force_ds_cpu_optimizer"] = False  # our torch AdamW steps the offloaded fp32 state
+    out.setdefault("steps_per_print", 10**9)
+    return out
+
+
+def make_optimizer(params, cfg, on_cuda_device):
+    t = cfg.train
+    return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
+                             weight_decay=t.weight_decay, fused=on_cuda_device or None)
+
+
+def make_engine(unet, ds_config, optimizer):
+    """Wrap the policy UNet in a DeepSpeed engine; non-finite gradients skip the step (ZeRO 1/2)."""
+    import deepspeed
+    engine, optimizer, _, _ = deepspeed.initialize(model=unet, optimizer=optimizer, config=ds_config,
+                                                   model_parameters=[p for p in unet.parameters() if p.requires_grad])
+    if hasattr(engine.optimizer, "check_grad_overflow"):  # ZeRO 1/2 skip on overflow only for fp16/bf16 by default
+        engine.optimizer.check_grad_overflow = True
+    return engine

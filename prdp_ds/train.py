@@ -1,0 +1,258 @@
+"""PRDP training (paper Algorithm 1, SPEC §5) on a DeepSpeed engine.
+
+    python -m prdp_ds.train [--config ds_configs/zero2.json] [--preset demo] [--set key=value ...]
+    deepspeed --num_gpus 8 --module prdp_ds.train --config ds_configs/zero2.json --preset small ...
+    torchrun --nproc_per_node 8 -m prdp_ds.train --config ds_configs/zero2.json --preset small ...
+
+Per epoch: draw this rank's prompt groups, sample them with the current policy (no grad),
+score them, then K optimizer steps, each exact over whole trajectories (prdp_ds.twopass).
+"""
+import argparse
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from prdp_ds import config as config_lib
+from prdp_ds.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from prdp_ds.engine import batch_arithmetic, build_ds_config, init_distributed, load_ds_json, make_engine, make_optimizer
+from prdp_ds.metrics import RunLog, peak_memory_mb
+from prdp_ds.models import load_models
+from prdp_ds.prompts import epoch_prompts, load_prompts, rank_slice
+from prdp_ds.rewards import NonFiniteRewardError, build_reward
+from prdp_ds.sampler import image_seeds, sample, step_schedule
+from prdp_ds.twopass import prdp_step
+
+DEFAULT_DS_CONFIG = Path(__file__).resolve().parent.parent / "ds_configs" / "zero2.json"
+EVAL_SEED_OFFSET = 10**6  # eval grids use epoch id -1 and this group offset: never a training seed
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="prdp_ds.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=None, help="DeepSpeed JSON (default: ds_configs/zero2.json)")
+    p.add_argument("--preset", default=None, help=f"named training preset (default: demo); one of {config_lib.preset_names()}")
+    p.add_argument("--train-config", default=None, help="training config YAML (instead of --preset)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.lr=2e-5")
+    p.add_argument("--output-dir", default="runs/prdp", help="where config, metrics, samples and checkpoints go")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, help="'latest' (in --output-dir) or a checkpoint dir")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # added by the deepspeed launcher
+    return p.parse_args(argv)
+
+
+def resolve_impl(name, device):
+    return ("triton" if device.type == "cuda" else "torch") if name == "auto" else name
+
+
+def _mean_all(values, device):
+    """Mean over ranks of each float in a dict (non-finite values propagate)."""
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+def _gather(t):
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return t
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t.contiguous())
+    return torch.cat(out)
+
+
+class Preemption:
+    """SIGTERM sets a flag; the loop finishes its optimizer step, checkpoints and exits 0."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def agreed(self, device):
+        flag = torch.tensor([float(self.requested)], device=device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() > 0
+
+
+class Trainer:
+    def __init__(self, cfg, ds_json, output_dir, rank, world, device):
+        self.cfg, self.output_dir, self.rank, self.world, self.device = cfg, Path(output_dir), rank, world, device
+        self.arith = batch_arithmetic(cfg, world)
+        self.reward_fn = build_reward(cfg.reward, device)        # fails here, before any sampling
+        self.prompts = load_prompts(cfg.prompts.source, cfg.prompts.template)
+        self.models = load_models(cfg.model.pretrained, cfg.model.seed)
+        on_gpu = device.type == "cuda"
+        self.models.to(device, frozen_dtype=torch.bfloat16 if on_gpu else None)
+        if cfg.model.gradient_checkpointing:
+            self.models.unet.enable_gradient_checkpointing()
+        self.ds_config = build_ds_config(ds_json, cfg, world)
+        offload = self.ds_config["zero_optimization"].get("offload_optimizer", {}).get("device") == "cpu"
+        unet = self.models.unet
+        self.engine = make_engine(unet, self.ds_config, make_optimizer(unet.parameters(), cfg, on_gpu and not offload))
+        self.models.unet = self.engine                             # the policy is called through the engine
+        self.impl = resolve_impl(cfg.loss.impl, device)
+        self.schedule = step_schedule(self.models.scheduler, cfg.sampler.num_steps, cfg.sampler.eta).to(device)
+        self.log = RunLog(output_dir, enabled=rank == 0)
+        self.bad_in_a_row = 0
+
+    def say(self, text):
+        if self.rank == 0:
+            tqdm.write(text)
+
+    def announce(self):
+        if self.rank != 0:
+            return
+        print("resolved training config:\n" + config_lib.dump(self.cfg), flush=True)
+        print("batch arithmetic: " + json.dumps(self.arith), flush=True)
+        if not self.ds_config["bf16"]["enabled"]:
+            print("precision: fp32 (no bf16-capable accelerator found)", flush=True)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        (self.output_dir / "config.yaml").write_text(config_lib.dump(self.cfg))
+
+    def rollout(self, epoch):
+        """Sample this rank's groups for `epoch` and score them -> (traj, rewards (G,B), parts, seconds)."""
+        cfg, s = self.cfg, self.cfg.sampler
+        start = time.perf_counter()
+        group_ids = rank_slice(cfg.train.prompts_per_epoch, self.rank, self.world)
+        all_prompts = epoch_prompts(self.prompts, cfg.train.prompts_per_epoch, cfg.train.seed, epoch)
+        seeds = image_seeds(cfg.train.seed, epoch, group_ids, cfg.train.images_per_prompt)
+        traj = sample(self.models, [all_prompts[g] for g in group_ids], seeds, s.num_steps, s.guidance_scale,
+                      s.eta, s.batch_size, cfg.loss.reduction, self.impl)
+        G, B = seeds.shape
+        try:
+            total, parts = self.reward_fn(traj.images.flatten(0, 1), traj.flat_prompts)
+        except NonFiniteRewardError as err:
+            self.say(f"epoch {epoch}: {err}")
+            total = torch.full((G * B,), float("nan"), device=self.device)
+            parts = {}
+        return traj, total.reshape(G, B).to(self.device), parts, time.perf_counter() - start
+
+    def eval_grid(self, epoch):
+        o = self.cfg.output
+        prompts = [self.cfg.prompts.template.format(p) for p in o.eval_prompts]
+        seeds = image_seeds(self.cfg.train.seed, -1 % 2**31, [EVAL_SEED_OFFSET + i for i in range(len(prompts))], o.eval_images)
+        traj = sample(self.models, prompts, seeds, self.cfg.sampler.num_steps, self.cfg.sampler.guidance_scale,
+                      self.cfg.sampler.eta, self.cfg.sampler.batch_size, with_reference=False)
+        self.log.save_grid(epoch, traj.images)
+
+    def train_epoch(self, epoch, traj, rewards, parts, sample_s, first_k, preempt):
+        """K optimizer steps on one rollout. Returns (metrics dict, steps taken) or raises SystemExit."""
+        cfg = self.cfg
+        cond = self.models.encode_prompts(traj.flat_prompts)
+        uncond = self.models.encode_prompts([""])
+        start = time.perf_counter()
+        steps, k = [], first_k
+        reward_ok = torch.isfinite(rewards).all()
+        while k < cfg.train.steps_per_epoch:
+            if reward_ok:
+                stats = prdp_step(self.engine, traj, rewards, cond, uncond, cfg, self.impl, first_step=k == 0)
+            else:
+                stats = {"skipped": "reward", "loss": float("nan")}
+            k += 1
+            self._handle_bad(epoch, k, stats, traj)
+            steps.append(stats)
+            if preempt.agreed(self.device) and k < cfg.train.steps_per_epoch:
+                self.say(f"SIGTERM: checkpointing epoch {epoch} after step {k} and exiting")
+                save_checkpoint(self.engine, cfg, self.output_dir, {"epoch": epoch, "step_in_epoch": k}, self.rank,
+                                rollout=(traj, rewards))
+                raise SystemExit(0)
+        train_s = time.perf_counter() - start
+        all_rewards = _gather(rewards.reshape(-1))
+        applied = [s for s in steps if "skipped" not in s]
+        local = {key: sum(s[key] for s in applied) / len(applied) for key in ("clip_frac", "kl", "pred_err")} if applied else {}
+        local.update({f"reward/{name}": float(v.mean()) for name, v in parts.items()})
+        n = all_rewards.numel()
+        record = {"epoch": epoch, "reward_mean": float(all_rewards.mean()),
+                  "reward_std": float(all_rewards.std()) if n > 1 else 0.0, "num_images": n,
+                  "loss": sum(s["loss"] for s in applied) / len(applied) if applied else float("nan"),
+                  "grad_norm": sum(s["grad_norm"] for s in applied) / len(applied) if applied else float("nan"),
+                  "lr": self.engine.get_lr()[0], "steps_applied": len(applied), "steps_skipped": len(steps) - len(applied),
+                  **_mean_all(local, self.device),
+                  "sample_s": sample_s, "train_s": train_s, "images_per_s": n / max(sample_s + train_s, 1e-9),
+                  "peak_mem_mb": peak_memory_mb(self.device)}
+        return record
+
+    def _handle_bad(self, epoch, k, stats, traj):
+        if "skipped" not in stats:
+            self.bad_in_a_row = 0
+            return
+        self.bad_in_a_row += 1
+        self.say(f"epoch {epoch} step {k}: skipped, non-finite {stats['skipped']} "
+                 f"(prompts on rank {self.rank}: {traj.prompts}); {self.bad_in_a_row} bad step(s) in a row")
+        if self.bad_in_a_row >= self.cfg.train.max_bad_steps:
+            self.say(f"stopping: {self.bad_in_a_row} bad steps in a row (train.max_bad_steps); "
+                     "the last complete checkpoint is intact")
+            raise SystemExit(3)
+
+    def run(self, resume=None):
+        cfg = self.cfg
+        start_epoch, first_k, rollout = 0, 0, None
+        ckpt = find_checkpoint(self.output_dir, resume) if resume else None
+        if resume and ckpt is None:
+            self.say(f"--resume {resume}: no complete checkpoint in {self.output_dir / 'checkpoints'}; starting fresh")
+        if ckpt is not None:
+            state, rollout = load_checkpoint(self.engine, ckpt, self.rank, self.schedule, self.device)
+            start_epoch, first_k = state["epoch"], state["step_in_epoch"]
+            if first_k >= cfg.train.steps_per_epoch:
+                start_epoch, first_k, rollout = start_epoch + 1, 0, None
+            self.say(f"resumed from {ckpt} at epoch {start_epoch} step {first_k}")
+        self.announce()
+        preempt = Preemption()
+        bar = tqdm(range(start_epoch, cfg.train.epochs), disable=self.rank != 0, desc="epochs", dynamic_ncols=True)
+        for epoch in bar:
+            if rollout is not None:
+                (traj, rewards), parts, sample_s = rollout, {}, 0.0
+                rollout = None
+            else:
+                traj, rewards, parts, sample_s = self.rollout(epoch)
+                first_k = 0
+            record = self.train_epoch(epoch, traj, rewards, parts, sample_s, first_k, preempt)
+            self.log.log(record, resumed_from=epoch if epoch == start_epoch and ckpt is not None else None)
+            bar.set_postfix(reward=f"{record['reward_mean']:.4g}", loss=f"{record['loss']:.4g}")
+            self.say(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+            last = epoch == cfg.train.epochs - 1
+            if cfg.output.sample_every and (epoch % cfg.output.sample_every == 0 or last):
+                self.eval_grid(epoch)
+            if last or (cfg.output.save_every and (epoch + 1) % cfg.output.save_every == 0) or preempt.agreed(self.device):
+                save_checkpoint(self.engine, cfg, self.output_dir, {"epoch": epoch, "step_in_epoch": cfg.train.steps_per_epoch},
+                                self.rank)
+                self.log.plot_rewards()
+                if preempt.requested:
+                    self.say(f"SIGTERM: checkpointed epoch {epoch}, exiting")
+                    raise SystemExit(0)
+        self.log.close()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        cfg = config_lib.resolve(args.preset if args.preset or args.train_config else "demo",
+                                 args.train_config, args.set)
+        ds_json = load_ds_json(args.config or DEFAULT_DS_CONFIG)
+    except ValueError as err:
+        sys.exit(f"prdp_ds.train: {err}")
+    rank, world, device = init_distributed()
+    try:
+        trainer = Trainer(cfg, ds_json, args.output_dir, rank, world, device)
+        trainer.run(args.resume)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        if type(err).__name__ in ("ModelLoadError", "RewardError", "ValueError", "FileNotFoundError", "ConfigError"):
+            sys.exit(f"prdp_ds.train (rank {rank}): {err}")
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""kernels.rdp_loss (SPEC §4, §7b) against an fp64 reference and the PyTorch reference
+prdp_ds.loss.rdp_loss(..., impl="torch"), including torch's tie conventions (torch.maximum
+splits 0.5/0.5 at exact ties; torch.clamp with tensor bounds gives 0.5 on each bound it touches).
+
+Tolerance rule: the kernel's max error vs fp64 must be <= 2x the same-dtype PyTorch reference's
+error vs fp64, plus a small atol relative to the quantity's scale."""
+import pytest
+import torch
+
+import kernels.step_logratio as sl
+from kernels import rdp_loss_triton
+from kernels.rdp_loss import launch_rdp_loss
+from prdp_ds.loss import prdp_loss_reference, rdp_loss
+
+
+def make_inputs(G, B, T, clip="mixed", seed=0, ties=False):
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(G, B, T, generator=g)
+    ro = r + 0.1 * torch.randn(G, B, T, generator=g)
+    rw = torch.randn(G, B, generator=g)
+    if ties:
+        rw = (2 * rw).round()                 # many exactly tied rewards
+    clip_range = {"mixed": 0.08, "inactive": 10.0, "active": 1e-6}[clip]
+    return r, ro, rw, clip_range, 0.7
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    real = sl.empty_out
+
+    def nan_empty(shape, dtype, device):
+        return real(shape, dtype, device).fill_(float("nan"))
+    monkeypatch.setattr(sl, "empty_out", nan_empty)
+
+
+def err(x, exact):
+    return (x.detach().double() - exact).abs().max().item()
+
+
+def assert_rule(name, fast, torch_ref, exact, atol):
+    e_fast, e_ref = err(fast, exact), err(torch_ref, exact)
+    assert e_fast <= 2 * e_ref + atol, f"{name}: kernel err {e_fast:.3e} > 2 x torch err {e_ref:.3e} + {atol:.1e}"
+
+
+def check_against_refs(r, ro, rw, clip_range, beta, upstream=2.5, dtype=torch.float32):
+    r = r.to(dtype)
+    r_k, r_t = r.clone().requires_grad_(), r.clone().requires_grad_()
+    r_64 = r.double().requires_grad_()
+    L_k = rdp_loss_triton(r_k, ro, rw, clip_range, beta)
+    L_t = rdp_loss(r_t, ro, rw, clip_range, beta)
+    L_64 = rdp_loss(r_64, ro.double(), rw.double(), clip_range, beta)
+    assert L_k.shape == () and L_k.dtype == torch.float32 and torch.isfinite(L_k)
+    assert_rule("loss", L_k, L_t, L_64, 1e-6 * abs(L_64.item()) + 1e-30)
+    g_k, = torch.autograd.grad(L_k * upstream, r_k)
+    g_t, = torch.autograd.grad(L_t * upstream, r_t)
+    g_64, = torch.autograd.grad(L_64 * upstream, r_64)
+    assert g_k.dtype == r.dtype and g_k.shape == r.shape and torch.isfinite(g_k).all()
+    assert_rule("grad", g_k, g_t, g_64, 1e-6 * g_64.abs().max().item() + 1e-30)
+    return L_k, g_k
+
+
+SHAPES = [(1, 2, 1), (3, 17, 50), (2, 1, 5), (5, 2, 3), (1, 17, 1), (4, 5, 50)]
+
+
+@pytest.mark.parametrize("G,B,T", SHAPES)
+@pytest.mark.parametrize("clip", ["mixed", "inactive", "active"])
+def test_matches_fp64(poison, G, B, T, clip):
+    check_against_refs(*make_inputs(G, B, T, clip=clip, seed=G * 100 + B + T))
+
+
+@pytest.mark.parametrize("G,B,T", [(3, 17, 50), (5, 4, 3)])
+def test_tied_rewards(poison, G, B, T):
+    L, g = check_against_refs(*make_inputs(G, B, T, seed=1, ties=True))
+    assert L > 0
+
+
+def test_all_tied_and_mixed_groups(poison):
+    r, ro, rw, clip, beta = make_inputs(4, 5, 7, seed=2)
+    # all groups tied: loss exactly 0, gradient exactly 0, no NaN
+    tied = torch.full_like(rw, 0.3)
+    r_k = r.clone().requires_grad_()
+    L = rdp_loss_triton(r_k, ro, tied, clip, beta)
+    L.backward()
+    assert L.item() == 0.0 and torch.equal(r_k.grad, torch.zeros_like(r))
+    # groups 0 and 2 tied, 1 and 3 not: the mean runs over the 2 valid groups only
+    rw[0], rw[2] = 1.0, -2.0
+    check_against_refs(r, ro, rw, clip, beta)
+
+
+def test_max_tie_splits_gradient(poison):
+    """e^2 == e'^2 with e = -e': torch.maximum gives 0.5 / 0.5, so dL/dr = [2, -2], not [4, -4]."""
+    r = torch.tensor([[[3.0], [0.0]]])
+    ro = torch.tensor([[[-0.5], [1.5]]])          # bands [-1, 0] and [1, 2]: both clipped
+    rw = torch.tensor([[1.0, 0.0]])
+    r_k, r_t = r.clone().requires_grad_(), r.clone().requires_grad_()
+    L_k = rdp_loss_triton(r_k, ro, rw, 0.5, 1.0)
+    L_t = rdp_loss(r_t, ro, rw, 0.5, 1.0)
+    (1.5 * L_k).backward()
+    (1.5 * L_t).backward()
+    assert L_k.item() == L_t.item() == 4.0
+    assert torch.equal(r_t.grad, torch.tensor([[[3.0], [-3.0]]]))   # what torch does here
+    assert torch.equal(r_k.grad, r_t.grad)
+
+
+@pytest.mark.parametrize("clip_range", [0.25, 0.0])
+def test_clamp_bounds_match_torch(poison, clip_range):
+    """r exactly on a clip bound (and lo == hi == r for clip 0): same subgradient as torch.clamp."""
+    vals = torch.tensor([0.25, 0.75, 0.5, 1.0, 0.0])
+    r = torch.stack([vals.roll(k) for k in range(3)])[None]       # (1, 3, 5), every value per image
+    ro = torch.full_like(r, 0.5)
+    rw = torch.tensor([[0.0, 1.0, 3.0]])
+    r_k, r_t = r.clone().requires_grad_(), r.clone().requires_grad_()
+    L_k = rdp_loss_triton(r_k, ro, rw, clip_range, 0.5)
+    L_t = rdp_loss(r_t, ro, rw, clip_range, 0.5)
+    (0.7 * L_k).backward()
+    (0.7 * L_t).backward()
+    torch.testing.assert_close(L_k, L_t, rtol=1e-6, atol=0)
+    torch.testing.assert_close(r_k.grad, r_t.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_clip_inactive_ties_everywhere(poison):
+    """Clip inactive: R == C exactly, every pair is a max tie (0.5 / 0.5) in kernel and torch."""
+    r, ro, rw, _, beta = make_inputs(3, 6, 4, seed=4)
+    L_k, g_k = check_against_refs(r, r.clone(), rw, 1e-3, beta)   # r == r_old: on-policy step
+    r_k = r.clone().requires_grad_()
+    rdp_loss_triton(r_k, r, rw, 0.0, beta).backward()            # lo == hi == r
+    torch.testing.assert_close(r_k.grad, g_k / 2.5, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_log_ratios(poison, dtype):
+    r, ro, rw, clip, beta = make_inputs(3, 17, 50, seed=5)
+    check_against_refs(r, ro.to(dtype), rw, clip, beta, dtype=dtype)
+
+
+@pytest.mark.parametrize("block_g,chunks", [(1, 1), (2, 1), (2, 2), (4, 1)])
+def test_several_programs(poison, block_g, chunks):
+    """Force the multi-program path (partials + sum) and compare with the fp64 reference."""
+    r, ro, rw, clip, beta = make_inputs(7, 5, 9, seed=6)
+    rw[3] = 0.0                                                # one group without valid pairs
+    L, grad = launch_rdp_loss(r, ro, rw, clip, beta, True, block_g=block_g, chunks_per_prog=chunks)
+    r64 = r.double().requires_grad_()
+    L64 = rdp_loss(r64, ro.double(), rw.double(), clip, beta)
+    g64, = torch.autograd.grad(L64, r64)
+    assert abs(L.item() - L64.item()) <= 1e-5 * L64.item()
+    assert (grad.double() - g64).abs().max() <= 1e-5 * g64.abs().max()
+
+
+def test_non_contiguous_inputs(poison):
+    r, ro, rw, clip, beta = make_inputs(3, 5, 7, seed=7)
+    rn = r.permute(2, 0, 1).contiguous().permute(1, 2, 0).requires_grad_()
+    ron = torch.stack([ro, ro], dim=-1)[..., 1]
+    rwn = rw.t().contiguous().t()
+    assert not (rn.is_contiguous() or ron.is_contiguous() or rwn.is_contiguous())
+    rc = r.clone().requires_grad_()
+    Ln, Lc = rdp_loss_triton(rn, ron, rwn, clip, beta), rdp_loss_triton(rc, ro, rw, clip, beta)
+    assert torch.equal(Ln, Lc)
+    Ln.backward()
+    Lc.backward()
+    assert torch.equal(rn.grad, rc.grad)
+
+
+def test_without_grad_and_dispatch(poison):
+    r, ro, rw, clip, beta = make_inputs(2, 5, 3, seed=8)
+    L1 = rdp_loss_triton(r, ro, rw, clip, beta)                 # no grad needed: no dL/dr written
+    assert not L1.requires_grad
+    L2 = rdp_loss(r.clone().requires_grad_(), ro, rw, clip, beta, impl="triton")
+    assert torch.equal(L1, L2.detach())
+
+
+def test_consistent_with_paper_reference_on_log_probs():
+    g = torch.Generator().manual_seed(9)
+    lp_ref = -8000 + torch.randn(2, 4, 6, generator=g, dtype=torch.float64)
+    lp = lp_ref + torch.randn(2, 4, 6, generator=g, dtype=torch.float64)
+    lp_old = lp + 0.1 * torch.randn(2, 4, 6, generator=g, dtype=torch.float64)
+    rw = torch.randn(2, 4, generator=g, dtype=torch.float64)
+    L_ref = prdp_loss_reference(lp, lp_old, lp_ref, rw, 0.05, 0.5)
+    L_k = rdp_loss_triton((lp - lp_ref).float(), (lp_old - lp_ref).float(), rw.float(), 0.05, 0.5)
+    assert abs(L_k.item() - L_ref.item()) <= 1e-5 * L_ref.item()
+
+
+def test_validation_errors():
+    r, ro, rw, clip, beta = make_inputs(2, 3, 4)
+    with pytest.raises(ValueError, match=r"log_ratios must have shape \(G, B, T\)"):
+        rdp_loss_triton(r[0], ro[0], rw, clip, beta)
+    with pytest.raises(ValueError, match="log_ratios_old must have shape"):
+        rdp_loss_triton(r, ro[:, :2], rw, clip, beta)
+    with pytest.raises(ValueError, match="rewards must have shape"):
+        rdp_loss_triton(r, ro, rw[:, :2], clip, beta)
+    with pytest.raises(ValueError, match="clip_range must be >= 0"):
+        rdp_loss_triton(r, ro, rw, -1.0, beta)
+    with pytest.raises(ValueError, match="kl_weight must be > 0"):
+        rdp_loss_triton(r, ro, rw, clip, 0.0)
+    with pytest.raises(ValueError, match="rewards requires grad"):
+        rdp_loss_triton(r, ro, rw.clone().requires_grad_(), clip, beta)
+    with pytest.raises(TypeError, match="rewards must be a floating-point"):
+        rdp_loss_triton(r, ro, rw.long(), clip, beta)
