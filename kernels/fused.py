@@ -23,6 +23,7 @@ PyTorch reference: prdp_ds.logratio.cfg_step_log_ratio(..., impl="torch") reshap
 then prdp_ds.loss.rdp_loss(..., impl="torch").
 """
 import torch
+from torch.autograd.function import once_differentiable
 
 from kernels.rdp_loss import check_rdp_args, launch_rdp_loss
 from kernels.step_logratio import (check_device, check_reduction, check_tensor, coef_arg, flat_rows,
@@ -43,6 +44,7 @@ class _FusedPRDPLoss(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss):
         eu, ec, xt, xp, grad_r = ctx.saved_tensors
         scale = grad_loss.to(torch.float32).reshape(1).contiguous()

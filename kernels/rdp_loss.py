@@ -39,6 +39,7 @@ on log-probs).
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from kernels import step_logratio as _sl
 from kernels.step_logratio import INTERPRET, check_device, check_tensor, scalar_arg
@@ -209,6 +210,7 @@ class _RDPLoss(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss):
         (grad,) = ctx.saved_tensors
         return (grad * grad_loss).to(ctx.dtype), None, None, None, None

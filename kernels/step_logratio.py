@@ -28,6 +28,7 @@ PyTorch reference: prdp_ds.logratio.cfg_step_log_ratio(..., impl="torch").
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from prdp_ds.logratio import REDUCTIONS
 
@@ -269,6 +270,7 @@ class _StepLogRatio(torch.autograd.Function):
         return r
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_r):
         eu, ec, xt, xp = ctx.saved_tensors
         g = grad_r.to(torch.float32).contiguous()   # upstream of .sum() is stride-0: materialize

@@ -12,13 +12,14 @@ from prdp_ds.logratio import cfg_step_log_ratio
 from prdp_ds.loss import rdp_loss
 
 W = 3.0
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: TRITON_INTERPRET=1
 
 
 def _r64(eu, ec, er, xt, xp, a, b, s, reduction):
     """fp64 log-ratios (G, B, T) from (G, B, T, D...) inputs and (T,) coefficients."""
     G, B, T = eu.shape[:3]
     f = lambda t: t.double().reshape(G, B, T, -1)  # noqa: E731
-    col = lambda c: torch.as_tensor(c, dtype=torch.float64).reshape(-1, 1).expand(T, 1)  # noqa: E731
+    col = lambda c: torch.as_tensor(c, dtype=torch.float64, device=eu.device).reshape(-1, 1).expand(T, 1)  # noqa: E731
     a, b, s = col(a), col(b), col(s)
     eh = f(eu) + W * (f(ec) - f(eu))
     terms = b * (eh - f(er)) * (2 * f(xp) - 2 * a * f(xt) - b * (eh + f(er))) / (2 * s**2)
@@ -51,6 +52,9 @@ def make_inputs(G, B, T, latent, dtype=torch.float32, clip="mixed", reduction="s
     if coef == "float":
         a, b, s = float(a[0]), float(b[0]), float(s[0])
     eu, ec = eu.to(dtype), ec.to(dtype)
+    eu, ec, er, xt, xp, r_old, rw = (t.to(DEVICE) for t in (eu, ec, er, xt, xp, r_old, rw))
+    if coef != "float":
+        a, b, s = a.to(DEVICE), b.to(DEVICE), s.to(DEVICE)
     return dict(eps_uncond=eu, eps_cond=ec, eps_ref=er, x_t=xt, x_prev=xp, log_ratios_old=r_old,
                 rewards=rw, a=a, b=b, sigma=s, guidance_scale=W, clip_range=clip_range,
                 kl_weight=beta, reduction=reduction)
@@ -63,7 +67,7 @@ def torch_reference(kw, eu, ec, dtype=None):
         r = _r64(eu, ec, kw["eps_ref"], kw["x_t"], kw["x_prev"], kw["a"], kw["b"], kw["sigma"], kw["reduction"])
         return rdp_loss(r, kw["log_ratios_old"].double(), kw["rewards"].double(), kw["clip_range"], kw["kl_weight"])
     rows = G * B * T
-    per_row = lambda c: torch.as_tensor(c).reshape(-1).expand(T).repeat(G * B)  # noqa: E731
+    per_row = lambda c: torch.as_tensor(c, device=eu.device).reshape(-1).expand(T).repeat(G * B)  # noqa: E731
     flat = lambda t: t.reshape(rows, -1)  # noqa: E731
     r = cfg_step_log_ratio(flat(eu), flat(ec), W, flat(kw["eps_ref"]), flat(kw["x_t"]), flat(kw["x_prev"]),
                            per_row(kw["a"]), per_row(kw["b"]), per_row(kw["sigma"]), kw["reduction"])

@@ -12,6 +12,8 @@ from kernels import rdp_loss_triton
 from kernels.rdp_loss import launch_rdp_loss
 from prdp_ds.loss import prdp_loss_reference, rdp_loss
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: TRITON_INTERPRET=1
+
 
 def make_inputs(G, B, T, clip="mixed", seed=0, ties=False):
     g = torch.Generator().manual_seed(seed)
@@ -21,7 +23,7 @@ def make_inputs(G, B, T, clip="mixed", seed=0, ties=False):
     if ties:
         rw = (2 * rw).round()                 # many exactly tied rewards
     clip_range = {"mixed": 0.08, "inactive": 10.0, "active": 1e-6}[clip]
-    return r, ro, rw, clip_range, 0.7
+    return r.to(DEVICE), ro.to(DEVICE), rw.to(DEVICE), clip_range, 0.7
 
 
 @pytest.fixture
@@ -89,26 +91,26 @@ def test_all_tied_and_mixed_groups(poison):
 
 def test_max_tie_splits_gradient(poison):
     """e^2 == e'^2 with e = -e': torch.maximum gives 0.5 / 0.5, so dL/dr = [2, -2], not [4, -4]."""
-    r = torch.tensor([[[3.0], [0.0]]])
-    ro = torch.tensor([[[-0.5], [1.5]]])          # bands [-1, 0] and [1, 2]: both clipped
-    rw = torch.tensor([[1.0, 0.0]])
+    r = torch.tensor([[[3.0], [0.0]]], device=DEVICE)
+    ro = torch.tensor([[[-0.5], [1.5]]], device=DEVICE)          # bands [-1, 0] and [1, 2]: both clipped
+    rw = torch.tensor([[1.0, 0.0]], device=DEVICE)
     r_k, r_t = r.clone().requires_grad_(), r.clone().requires_grad_()
     L_k = rdp_loss_triton(r_k, ro, rw, 0.5, 1.0)
     L_t = rdp_loss(r_t, ro, rw, 0.5, 1.0)
     (1.5 * L_k).backward()
     (1.5 * L_t).backward()
     assert L_k.item() == L_t.item() == 4.0
-    assert torch.equal(r_t.grad, torch.tensor([[[3.0], [-3.0]]]))   # what torch does here
+    assert torch.equal(r_t.grad, torch.tensor([[[3.0], [-3.0]]], device=DEVICE))   # what torch does here
     assert torch.equal(r_k.grad, r_t.grad)
 
 
 @pytest.mark.parametrize("clip_range", [0.25, 0.0])
 def test_clamp_bounds_match_torch(poison, clip_range):
     """r exactly on a clip bound (and lo == hi == r for clip 0): same subgradient as torch.clamp."""
-    vals = torch.tensor([0.25, 0.75, 0.5, 1.0, 0.0])
+    vals = torch.tensor([0.25, 0.75, 0.5, 1.0, 0.0], device=DEVICE)
     r = torch.stack([vals.roll(k) for k in range(3)])[None]       # (1, 3, 5), every value per image
     ro = torch.full_like(r, 0.5)
-    rw = torch.tensor([[0.0, 1.0, 3.0]])
+    rw = torch.tensor([[0.0, 1.0, 3.0]], device=DEVICE)
     r_k, r_t = r.clone().requires_grad_(), r.clone().requires_grad_()
     L_k = rdp_loss_triton(r_k, ro, rw, clip_range, 0.5)
     L_t = rdp_loss(r_t, ro, rw, clip_range, 0.5)
@@ -174,6 +176,7 @@ def test_consistent_with_paper_reference_on_log_probs():
     lp = lp_ref + torch.randn(2, 4, 6, generator=g, dtype=torch.float64)
     lp_old = lp + 0.1 * torch.randn(2, 4, 6, generator=g, dtype=torch.float64)
     rw = torch.randn(2, 4, generator=g, dtype=torch.float64)
+    lp_ref, lp, lp_old, rw = (t.to(DEVICE) for t in (lp_ref, lp, lp_old, rw))
     L_ref = prdp_loss_reference(lp, lp_old, lp_ref, rw, 0.05, 0.5)
     L_k = rdp_loss_triton((lp - lp_ref).float(), (lp_old - lp_ref).float(), rw.float(), 0.05, 0.5)
     assert abs(L_k.item() - L_ref.item()) <= 1e-5 * L_ref.item()

@@ -11,6 +11,7 @@ from kernels import step_log_ratio_triton
 from prdp_ds.logratio import cfg_step_log_ratio
 
 W = 4.5  # guidance scale
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: TRITON_INTERPRET=1
 
 
 def make_inputs(rows, latent, dtype=torch.float32, seed=0, coef="row"):
@@ -33,14 +34,14 @@ def make_inputs(rows, latent, dtype=torch.float32, seed=0, coef="row"):
     else:
         a, b, s = a_t, b_t, s_t
     eu, ec = eu.to(dtype), ec.to(dtype)
-    return eu, ec, er, xt, xp, a, b, s
+    return tuple(x.to(DEVICE) if isinstance(x, torch.Tensor) else x for x in (eu, ec, er, xt, xp, a, b, s))
 
 
 def ref64(eu, ec, er, xt, xp, a, b, s, w, reduction):
     """fp64 r (rows,) and the fp64 leaves for eps_u, eps_c (from the inputs' stored values)."""
     rows = eu.shape[0]
     f = lambda t: t.detach().double().reshape(rows, -1)  # noqa: E731
-    col = lambda c: torch.as_tensor(c, dtype=torch.float64).reshape(-1, 1).expand(rows, 1)  # noqa: E731
+    col = lambda c: torch.as_tensor(c, dtype=torch.float64, device=eu.device).reshape(-1, 1).expand(rows, 1)  # noqa: E731
     eu64, ec64 = f(eu).requires_grad_(), f(ec).requires_grad_()
     er64, xt64, xp64 = f(er), f(xt), f(xp)
     a, b, s = col(a), col(b), col(s)
@@ -74,7 +75,7 @@ def check_against_refs(inputs, reduction, upstream_seed=1):
     assert torch.isfinite(r_k).all()
     assert_rule("r", r_k, r_t, r_64, 1e-6 * scale)
 
-    up = torch.randn(rows, generator=torch.Generator().manual_seed(upstream_seed)) * 3 + 0.5  # != 1
+    up = (torch.randn(rows, generator=torch.Generator().manual_seed(upstream_seed)) * 3 + 0.5).to(DEVICE)  # != 1
     gu_k, gc_k = torch.autograd.grad(r_k, (eu_k, ec_k), up)
     gu_t, gc_t = torch.autograd.grad(r_t, (eu_t, ec_t), up)
     gu_64, gc_64 = torch.autograd.grad(r_64, (eu64, ec64), up.double())
@@ -154,7 +155,7 @@ def test_non_contiguous_inputs(poison):
     eu_c, ec_c = eu.clone().requires_grad_(), ec.clone().requires_grad_()
     r_c = step_log_ratio_triton(eu_c, ec_c, er, xt, xp, a, b, s, W)
     assert torch.equal(r_n, r_c)
-    up = torch.linspace(-2, 3, 17)
+    up = torch.linspace(-2, 3, 17, device=DEVICE)
     g_n = torch.autograd.grad(r_n, (eu_n, ec_n), up)
     g_c = torch.autograd.grad(r_c, (eu_c, ec_c), up)
     for x, y in zip(g_n, g_c):

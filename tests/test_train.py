@@ -1,0 +1,121 @@
+"""End-to-end runs of `prdp_ds.train` as a user launches it (CPU, DeepSpeed's CPU accelerator)."""
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parent.parent
+SMALL = ["--set", "sampler.num_steps=3", "--set", "train.prompts_per_epoch=4", "--set", "train.images_per_prompt=4",
+         "--set", "train.steps_per_epoch=2", "--set", "output.sample_every=0", "--set", "train.images_per_chunk=8",
+         "--set", "train.steps_per_chunk=2"]
+TIMING = ("sample_s", "train_s", "images_per_s", "peak_mem_mb")
+
+
+def _port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(args, ranks=1, check=True):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MASTER_PORT": str(_port())}
+    if ranks == 1:
+        cmd = [sys.executable, "-m", "prdp_ds.train", *args]
+    else:
+        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", env["MASTER_PORT"],
+               "--module", "prdp_ds.train", *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def unet_params(ckpt):
+    return load_file(str(ckpt / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_one_and_two_ranks_give_the_same_parameters(tmp_path):
+    for ranks in (1, 2):
+        run(["--output-dir", str(tmp_path / f"r{ranks}"), "--set", "train.epochs=1", *SMALL], ranks=ranks)
+    p1, p2 = (unet_params(tmp_path / f"r{r}" / "checkpoints" / "epoch_0000") for r in (1, 2))
+    base = unet_params_initial()
+    moved = max((p1[k] - base[k]).abs().max().item() for k in p1)
+    assert moved > 1e-5, "training should move the parameters"
+    for k in p1:
+        # gloo's 2-rank gradient sum rounds differently; Adam's g / |g| amplifies that where g ~ 0,
+        # so allow 1% of one step (lr 3e-4 in the demo preset), far below one real update.
+        torch.testing.assert_close(p2[k], p1[k], rtol=0, atol=0.01 * 3e-4)
+    m1, m2 = metrics(tmp_path / "r1")[0], metrics(tmp_path / "r2")[0]
+    for key in ("reward_mean", "reward_std", "loss", "kl", "clip_frac", "grad_norm"):
+        assert m2[key] == pytest.approx(m1[key], rel=1e-4, abs=1e-6), key
+
+
+def unet_params_initial():
+    from prdp_ds.models import build_tiny
+    return {k: v.clone() for k, v in build_tiny(0).unet.state_dict().items()}
+
+
+@pytest.mark.slow
+def test_resume_equals_a_straight_run_and_ignores_half_written_checkpoints(tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    common = [*SMALL, "--set", "output.save_every=2"]
+    run(["--output-dir", str(straight), "--set", "train.epochs=4", *common])
+    run(["--output-dir", str(split), "--set", "train.epochs=2", *common])
+    junk = split / "checkpoints" / "epoch_0003.tmp"  # a save killed half-way
+    junk.mkdir()
+    (junk / "trainer_state.json").write_text("{}")
+    (split / "checkpoints" / "latest").write_text("epoch_0003")
+    proc = run(["--output-dir", str(split), "--set", "train.epochs=4", "--resume", "latest", *common])
+    assert "resumed from" in proc.stdout + proc.stderr and "epoch_0001" in proc.stdout + proc.stderr
+    a, b = metrics(straight), metrics(split)
+    assert [r["epoch"] for r in b] == [0, 1, 2, 3]
+    for ra, rb in zip(a, b):
+        assert {k: v for k, v in ra.items() if k not in TIMING} == {k: v for k, v in rb.items() if k not in TIMING}
+    pa, pb = unet_params(straight / "checkpoints" / "epoch_0003"), unet_params(split / "checkpoints" / "epoch_0003")
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert (split / "checkpoints" / "latest").read_text() == "epoch_0003"
+
+
+def test_bad_overrides_and_missing_weights_fail_at_start_with_clear_errors(tmp_path):
+    proc = run(["--output-dir", str(tmp_path), "--set", "train.lrr=1"], check=False)
+    assert proc.returncode != 0 and "unknown config key 'train.lrr'" in proc.stderr and "train.lr" in proc.stderr
+    proc = run(["--output-dir", str(tmp_path), "--config", str(tmp_path / "nope.json")], check=False)
+    assert proc.returncode != 0 and "nope.json" in proc.stderr
+    bad_ds = tmp_path / "ds.json"
+    bad_ds.write_text(json.dumps({"gradient_clipping": 0.5}))
+    proc = run(["--output-dir", str(tmp_path), "--config", str(bad_ds)], check=False)
+    assert proc.returncode != 0 and "'gradient_clipping' is owned by the training config" in proc.stderr
+    proc = run(["--output-dir", str(tmp_path), "--preset", "small"], check=False)
+    assert proc.returncode != 0 and "hpsv2" in proc.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_demo_raises_the_reward_and_writes_its_outputs(tmp_path):
+    run(["--output-dir", str(tmp_path)])
+    rows = metrics(tmp_path)
+    first, last = rows[0], rows[-3:]
+    se = lambda r: r["reward_std"] / math.sqrt(r["num_images"])  # noqa: E731
+    last_mean = sum(r["reward_mean"] for r in last) / len(last)
+    last_se = math.sqrt(sum(se(r) ** 2 for r in last)) / len(last)
+    assert last_mean - first["reward_mean"] > 2 * math.sqrt(se(first) ** 2 + last_se**2)
+    for name in ("config.yaml", "reward_curve.png", "samples/epoch_0000.png", "checkpoints/latest"):
+        assert (tmp_path / name).exists(), name
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    ckpt = tmp_path / "checkpoints" / (tmp_path / "checkpoints" / "latest").read_text()
+    from diffusers import UNet2DConditionModel
+    UNet2DConditionModel.from_pretrained(str(ckpt / "unet"))
+    assert {"epoch", "reward_mean", "reward_std", "loss", "clip_frac", "kl", "grad_norm", "lr", "sample_s",
+            "train_s", "images_per_s", "peak_mem_mb"} <= set(rows[0])
