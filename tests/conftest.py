@@ -6,3 +6,6 @@ import torch
 # kernel module is imported (SPEC §12).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Tests never need the Hugging Face hub: fail fast instead of trying the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -14,7 +14,6 @@ import os
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
@@ -22,7 +21,12 @@ from torchvision.transforms import functional as TF
 
 import open_clip
 from open_clip.tokenizer import bytes_to_unicode, default_bpe
-from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
+from transformers import CLIPConfig, CLIPModel
+
+try:  # transformers >= 5: the PIL backend has its own class
+    from transformers import CLIPImageProcessorPil
+except ImportError:  # transformers 4.x: the default one is PIL-based
+    from transformers import CLIPImageProcessor as CLIPImageProcessorPil
 
 from prdp_ds import reward_models as rm
 from prdp_ds.rewards import RewardError, available_rewards, build_reward
@@ -79,13 +83,19 @@ def _fresh_model_cache():
     rm.clear_cache()
 
 
-def _clip_bpe():
-    """CLIP's BPE vocabulary and merges, from the file open_clip ships (what HF's vocab.json holds)."""
+def write_clip_tokenizer(folder):
+    """CLIP's tokenizer files as the laion / openai hub folders hold them (vocab.json, merges.txt,
+    tokenizer_config.json), made from the BPE file that open_clip ships."""
+    folder.mkdir(parents=True, exist_ok=True)
     merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
-    merges = [tuple(m.split()) for m in merges]
     vocab = list(bytes_to_unicode().values())
-    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
-    return {t: i for i, t in enumerate(vocab)}, merges
+    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}))
 
 
 TINY_OPEN_CLIP = {"embed_dim": 16,
@@ -132,9 +142,8 @@ def files(tmp_path_factory):
     # CLIP's tokenizer and the laion ViT-H-14 preprocessor_config.json (legacy int sizes, as published).
     pick = _tiny_hf_clip(1)
     pick.save_pretrained(root / "PickScore_v1")
-    vocab, merges = _clip_bpe()
     proc_dir = root / "CLIP-ViT-H-14-laion2B-s32B-b79K"
-    CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77).save_pretrained(proc_dir)
+    write_clip_tokenizer(proc_dir)
     (proc_dir / "preprocessor_config.json").write_text(json.dumps({
         "crop_size": 224, "do_center_crop": True, "do_normalize": True, "do_resize": True,
         "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": list(MEAN), "image_std": list(STD),
@@ -513,6 +522,14 @@ def test_wrong_files_are_refused_with_the_key(files, tmp_path):
     (tmp_path / "other" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(RewardError, match=r"reward\.pickscore\.model"):
         _pick({**files, "pick_model": str(tmp_path / "other")})
+    from safetensors.torch import load_file, save_file
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    state = load_file(str(files["root"] / "PickScore_v1" / "model.safetensors"))
+    save_file({k: v for k, v in state.items() if not k.startswith("text_projection")}, str(partial / "model.safetensors"))
+    (partial / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(RewardError, match=r"reward\.pickscore\.model.*do not fit.*text_projection"):
+        _pick({**files, "pick_model": str(partial)})
     with pytest.raises(RewardError, match=r"reward\.pickscore\.processor.*laion"):
         _pick({**files, "pick_proc": str(tmp_path / "empty")})
     with pytest.raises(RewardError, match=r"reward\.pickscore\.batch_size"):

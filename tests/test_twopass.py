@@ -87,8 +87,9 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.mark.parametrize("steps_per_chunk,images_per_chunk", [(1, 2), (3, 6), (4, 4)])
-def test_two_pass_equals_full_graph_over_two_steps(world, rollout, steps_per_chunk, images_per_chunk):
+@pytest.mark.parametrize("steps_per_chunk,images_per_chunk,impl", [(1, 2, "torch"), (3, 6, "torch"), (4, 4, "torch"),
+                                                                   (3, 4, "triton")])
+def test_two_pass_equals_full_graph_over_two_steps(world, rollout, steps_per_chunk, images_per_chunk, impl):
     models, traj, rewards = rollout
     cfg = _cfg(steps_per_chunk, images_per_chunk, clip_range=2e-3)
     lr = 1e-4
@@ -97,7 +98,7 @@ def test_two_pass_equals_full_graph_over_two_steps(world, rollout, steps_per_chu
     ref = copy.deepcopy(models.unet)
     for k in range(2):  # K = 2: the second step runs pass 1 at theta != theta_old
         stats = prdp_step(engine, traj, rewards, models.encode_prompts(traj.flat_prompts),
-                          models.encode_prompts([""]), cfg, "torch", first_step=k == 0)
+                          models.encode_prompts([""]), cfg, impl, first_step=k == 0)
         assert "skipped" not in stats
         want = full_graph_grad(ref, models, traj, rewards, cfg)
         got = opt.seen[k][:want.numel()]
