@@ -26,7 +26,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from kernels.rdp_loss import check_rdp_args, launch_rdp_loss
-from kernels.step_logratio import (check_device, check_reduction, check_tensor, coef_arg, flat_rows,
+from kernels.step_logratio import (check_device, check_latents, check_reduction, check_tensor, coef_arg, flat_rows,
                                    launch_step_bwd, launch_step_fwd, scalar_arg)
 
 
@@ -68,19 +68,7 @@ def fused_prdp_loss_triton(eps_uncond, eps_cond, eps_ref, x_t, x_prev, log_ratio
     fn = "fused_prdp_loss_triton"
     check_reduction(fn, reduction)
     named = dict(eps_uncond=eps_uncond, eps_cond=eps_cond, eps_ref=eps_ref, x_t=x_t, x_prev=x_prev)
-    for name, t in named.items():
-        check_tensor(fn, name, t)
-    shape = eps_uncond.shape
-    if eps_uncond.dim() < 4:
-        raise ValueError(f"{fn}: eps_uncond must have shape (G, B, T, D...) with >= 4 dims, "
-                         f"got {tuple(shape)}")
-    for name, t in named.items():
-        if t.shape != shape:
-            raise ValueError(f"{fn}: {name} has shape {tuple(t.shape)}, expected {tuple(shape)} "
-                             "(the shape of eps_uncond)")
-        if name in ("eps_ref", "x_t", "x_prev") and t.requires_grad and torch.is_grad_enabled():
-            raise ValueError(f"{fn}: {name} requires grad, but only eps_uncond and eps_cond are "
-                             "differentiable here; pass it detached")
+    shape = check_latents(fn, named, min_dim=4, layout="(G, B, T, D...)")
     check_tensor(fn, "log_ratios_old", log_ratios_old)
     if log_ratios_old.shape != shape[:3]:
         raise ValueError(f"{fn}: log_ratios_old must have shape (G, B, T) = {tuple(shape[:3])}, "

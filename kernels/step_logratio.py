@@ -195,6 +195,24 @@ def scalar_arg(fn, name, value):
         raise TypeError(f"{fn}: {name} must be a float, got {type(value).__name__}") from None
 
 
+def check_latents(fn, named, min_dim, layout):
+    """Validate the five latent-sized inputs (eps_uncond, eps_cond, eps_ref, x_t, x_prev): tensors of
+    one shape with >= min_dim dims, only the two UNet outputs differentiable. Returns the shape."""
+    for name, t in named.items():
+        check_tensor(fn, name, t)
+    shape = named["eps_uncond"].shape
+    if len(shape) < min_dim:
+        raise ValueError(f"{fn}: eps_uncond must have shape {layout} with >= {min_dim} dims, got {tuple(shape)}")
+    for name, t in named.items():
+        if t.shape != shape:
+            raise ValueError(f"{fn}: {name} has shape {tuple(t.shape)}, expected {tuple(shape)} "
+                             "(the shape of eps_uncond)")
+        if name in ("eps_ref", "x_t", "x_prev") and t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{fn}: {name} requires grad, but only eps_uncond and eps_cond are "
+                             "differentiable here; pass it detached")
+    return shape
+
+
 def check_reduction(fn, reduction):
     if reduction not in REDUCTIONS:
         raise ValueError(f"{fn}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -292,18 +310,7 @@ def step_log_ratio_triton(eps_uncond, eps_cond, eps_ref, x_t, x_prev, a, b, sigm
     fn = "step_log_ratio_triton"
     check_reduction(fn, reduction)
     named = dict(eps_uncond=eps_uncond, eps_cond=eps_cond, eps_ref=eps_ref, x_t=x_t, x_prev=x_prev)
-    for name, t in named.items():
-        check_tensor(fn, name, t)
-    shape = eps_uncond.shape
-    if eps_uncond.dim() < 1:
-        raise ValueError(f"{fn}: eps_uncond must have shape (rows, ...), got a 0-dim tensor")
-    for name, t in named.items():
-        if t.shape != shape:
-            raise ValueError(f"{fn}: {name} has shape {tuple(t.shape)}, expected {tuple(shape)} "
-                             "(the shape of eps_uncond)")
-        if name in ("eps_ref", "x_t", "x_prev") and t.requires_grad and torch.is_grad_enabled():
-            raise ValueError(f"{fn}: {name} requires grad, but only eps_uncond and eps_cond are "
-                             "differentiable here; pass it detached")
+    shape = check_latents(fn, named, min_dim=1, layout="(rows, ...)")
     rows = shape[0]
     if rows == 0 or eps_uncond.numel() == 0:
         raise ValueError(f"{fn}: empty input of shape {tuple(shape)}")

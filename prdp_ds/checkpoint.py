@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from prdp_ds import config as config_lib
 from prdp_ds.sampler import Trajectories
@@ -97,9 +98,8 @@ def load_checkpoint(engine, path, rank, schedule, device):
     rollout_file = path / f"rollout_rank{rank}.safetensors"
     if not rollout_file.is_file():
         return state, None
-    tensors = load_file(str(rollout_file), device=str(device))
-    from safetensors import safe_open
-    with safe_open(str(rollout_file), "pt") as f:
+    with safe_open(str(rollout_file), "pt", device=str(device)) as f:
         prompts = json.loads(f.metadata()["prompts"])
-    traj = Trajectories(prompts=prompts, schedule=schedule, **{f: tensors[f] for f in ROLLOUT_FIELDS})
+        tensors = {name: f.get_tensor(name) for name in (*ROLLOUT_FIELDS, "rewards")}
+    traj = Trajectories(prompts=prompts, schedule=schedule, **{name: tensors[name] for name in ROLLOUT_FIELDS})
     return state, (traj, tensors["rewards"])

@@ -14,6 +14,8 @@ import socket
 
 import torch
 
+from prdp_ds.prompts import rank_slice
+
 OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
          "gradient_clipping", "optimizer", "scheduler")
 
@@ -46,9 +48,7 @@ def _free_port():
 def batch_arithmetic(cfg, world_size):
     """The per-rank and per-step sizes implied by the config (raises on an impossible split)."""
     t = cfg.train
-    if t.prompts_per_epoch % world_size:
-        raise ValueError(f"train.prompts_per_epoch={t.prompts_per_epoch} must be divisible by the world size {world_size}")
-    groups = t.prompts_per_epoch // world_size
+    groups = len(rank_slice(t.prompts_per_epoch, 0, world_size))  # raises on an uneven split
     images = groups * t.images_per_prompt
     image_chunks = math.ceil(images / t.images_per_chunk)
     step_chunks = math.ceil(cfg.sampler.num_steps / t.steps_per_chunk)

@@ -27,7 +27,7 @@ def _group_mean(pair_loss, valid):
     return torch.where(has_pairs, group_loss, torch.zeros_like(group_loss)).sum() / n_groups.clamp(min=1)
 
 
-def _check_shapes(name, ratios, rewards, *others):
+def _check_args(name, ratios, rewards, clip_range, kl_weight, *others):
     if ratios.dim() != 3:
         raise ValueError(f"{name}: expected log-ratios of shape (G, B, T), got {tuple(ratios.shape)}")
     for other in others:
@@ -35,22 +35,27 @@ def _check_shapes(name, ratios, rewards, *others):
             raise ValueError(f"{name}: log-ratio shapes differ: {tuple(ratios.shape)} vs {tuple(other.shape)}")
     if rewards.shape != ratios.shape[:2]:
         raise ValueError(f"{name}: rewards must have shape (G, B) = {tuple(ratios.shape[:2])}, got {tuple(rewards.shape)}")
+    if not kl_weight > 0:
+        raise ValueError(f"{name}: kl_weight (beta) must be > 0, got {kl_weight}")
+    if not clip_range >= 0:
+        raise ValueError(f"{name}: clip_range (epsilon) must be >= 0, got {clip_range}")
 
 
 def _rdp_terms(log_ratios, log_ratios_old, rewards, clip_range, kl_weight):
-    """Shared core: per-pair losses (G,B,B), validity mask, and the clipped ratios (G,B,T)."""
+    """Shared core -> (per-pair loss (G,B,B), valid pairs (G,B,B), clipped ratios (G,B,T),
+    unclipped prediction error R_i - R_j - dr/beta (G,B,B))."""
     clipped = torch.clamp(log_ratios, log_ratios_old - clip_range, log_ratios_old + clip_range)
     total, total_clip = log_ratios.mean(dim=-1), clipped.mean(dim=-1)          # (G, B)
     target = (rewards[:, :, None] - rewards[:, None, :]) / kl_weight           # (G, B, B)
-    mse = (total[:, :, None] - total[:, None, :] - target) ** 2
-    mse_clip = (total_clip[:, :, None] - total_clip[:, None, :] - target) ** 2
-    return torch.maximum(mse, mse_clip), target > 0, clipped
+    err = total[:, :, None] - total[:, None, :] - target
+    err_clip = total_clip[:, :, None] - total_clip[:, None, :] - target
+    return torch.maximum(err**2, err_clip**2), target > 0, clipped, err
 
 
 def prdp_loss_reference(log_probs, log_probs_old, log_probs_ref, rewards, clip_range, kl_weight):
     """The paper's loss on log-probs (G,B,T) x3 and rewards (G,B) -> scalar (supplement G)."""
-    _check_shapes("prdp_loss_reference", log_probs, rewards, log_probs_old, log_probs_ref)
-    pair_loss, valid, _ = _rdp_terms(log_probs - log_probs_ref, log_probs_old - log_probs_ref,
+    _check_args("prdp_loss_reference", log_probs, rewards, clip_range, kl_weight, log_probs_old, log_probs_ref)
+    pair_loss, valid, _, _ = _rdp_terms(log_probs - log_probs_ref, log_probs_old - log_probs_ref,
                                      rewards, clip_range, kl_weight)
     return _group_mean(pair_loss, valid)
 
@@ -62,11 +67,11 @@ def rdp_loss(log_ratios, log_ratios_old, rewards, clip_range, kl_weight, impl="t
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    _check_shapes("rdp_loss", log_ratios, rewards, log_ratios_old)
+    _check_args("rdp_loss", log_ratios, rewards, clip_range, kl_weight, log_ratios_old)
     if impl == "triton":
         from kernels import rdp_loss_triton
         return rdp_loss_triton(log_ratios, log_ratios_old, rewards, clip_range, kl_weight)
-    pair_loss, valid, _ = _rdp_terms(log_ratios, log_ratios_old, rewards, clip_range, kl_weight)
+    pair_loss, valid, _, _ = _rdp_terms(log_ratios, log_ratios_old, rewards, clip_range, kl_weight)
     return _group_mean(pair_loss, valid)
 
 
@@ -75,16 +80,13 @@ def rdp_diagnostics(log_ratios, log_ratios_old, rewards, clip_range, kl_weight):
     """Floats for the metrics log: clip_frac (share of (i,t) outside the clip band), pred_err
     (mean |R_i - R_j - dr/beta| over valid pairs), valid_pair_frac (valid pairs / all i != j pairs;
     a pair counts once, so its maximum is 0.5) and kl (mean over images of mean_t log-ratio)."""
-    _check_shapes("rdp_diagnostics", log_ratios, rewards, log_ratios_old)
+    _check_args("rdp_diagnostics", log_ratios, rewards, clip_range, kl_weight, log_ratios_old)
     G, B, _ = log_ratios.shape
-    _, valid, clipped = _rdp_terms(log_ratios, log_ratios_old, rewards, clip_range, kl_weight)
-    total = log_ratios.mean(dim=-1)
-    target = (rewards[:, :, None] - rewards[:, None, :]) / kl_weight
-    err = (total[:, :, None] - total[:, None, :] - target).abs()
+    _, valid, clipped, err = _rdp_terms(log_ratios, log_ratios_old, rewards, clip_range, kl_weight)
     n_valid = int(valid.sum())
     return {
         "clip_frac": float((clipped != log_ratios).float().mean()),
-        "pred_err": float(err[valid].mean()) if n_valid else 0.0,
+        "pred_err": float(err[valid].abs().mean()) if n_valid else 0.0,
         "valid_pair_frac": n_valid / max(G * B * (B - 1), 1),
-        "kl": float(total.mean()),
+        "kl": float(log_ratios.mean()),
     }

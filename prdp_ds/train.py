@@ -23,14 +23,14 @@ from prdp_ds import config as config_lib
 from prdp_ds.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from prdp_ds.engine import batch_arithmetic, build_ds_config, init_distributed, load_ds_json, make_engine, make_optimizer
 from prdp_ds.metrics import RunLog, peak_memory_mb
-from prdp_ds.models import load_models
+from prdp_ds.models import ModelLoadError, load_models
 from prdp_ds.prompts import epoch_prompts, load_prompts, rank_slice
 from prdp_ds.rewards import NonFiniteRewardError, build_reward
 from prdp_ds.sampler import image_seeds, sample, step_schedule
 from prdp_ds.twopass import prdp_step
 
 DEFAULT_DS_CONFIG = Path(__file__).resolve().parent.parent / "ds_configs" / "zero2.json"
-EVAL_SEED_OFFSET = 10**6  # eval grids use epoch id -1 and this group offset: never a training seed
+EVAL_EPOCH = 2**31 - 1  # eval grids draw seeds as if from this epoch id: never a training epoch
 
 
 def parse_args(argv=None):
@@ -109,6 +109,10 @@ class Trainer:
         if self.rank == 0:
             tqdm.write(text)
 
+    def warn(self, text):
+        """A problem seen on this rank: printed by that rank, whichever it is."""
+        tqdm.write(f"[rank {self.rank}] {text}", file=sys.stderr)
+
     def announce(self):
         if self.rank != 0:
             return
@@ -131,8 +135,8 @@ class Trainer:
         G, B = seeds.shape
         try:
             total, parts = self.reward_fn(traj.images.flatten(0, 1), traj.flat_prompts)
-        except NonFiniteRewardError as err:
-            self.say(f"epoch {epoch}: {err}")
+        except NonFiniteRewardError as err:  # the step is skipped on every rank (prdp_step)
+            self.warn(f"epoch {epoch}: {err}")
             total = torch.full((G * B,), float("nan"), device=self.device)
             parts = {}
         return traj, total.reshape(G, B).to(self.device), parts, time.perf_counter() - start
@@ -140,24 +144,21 @@ class Trainer:
     def eval_grid(self, epoch):
         o = self.cfg.output
         prompts = [self.cfg.prompts.template.format(p) for p in o.eval_prompts]
-        seeds = image_seeds(self.cfg.train.seed, -1 % 2**31, [EVAL_SEED_OFFSET + i for i in range(len(prompts))], o.eval_images)
+        seeds = image_seeds(self.cfg.train.seed, EVAL_EPOCH, range(len(prompts)), o.eval_images)
         traj = sample(self.models, prompts, seeds, self.cfg.sampler.num_steps, self.cfg.sampler.guidance_scale,
                       self.cfg.sampler.eta, self.cfg.sampler.batch_size, with_reference=False)
         self.log.save_grid(epoch, traj.images)
 
     def train_epoch(self, epoch, traj, rewards, parts, sample_s, first_k, preempt):
-        """K optimizer steps on one rollout. Returns (metrics dict, steps taken) or raises SystemExit."""
+        """Optimizer steps first_k..K-1 on one rollout -> the epoch's metrics record (SystemExit on
+        preemption or too many bad steps)."""
         cfg = self.cfg
         cond = self.models.encode_prompts(traj.flat_prompts)
         uncond = self.models.encode_prompts([""])
         start = time.perf_counter()
         steps, k = [], first_k
-        reward_ok = torch.isfinite(rewards).all()
         while k < cfg.train.steps_per_epoch:
-            if reward_ok:
-                stats = prdp_step(self.engine, traj, rewards, cond, uncond, cfg, self.impl, first_step=k == 0)
-            else:
-                stats = {"skipped": "reward", "loss": float("nan")}
+            stats = prdp_step(self.engine, traj, rewards, cond, uncond, cfg, self.impl, first_step=k == 0)
             k += 1
             self._handle_bad(epoch, k, stats, traj)
             steps.append(stats)
@@ -187,8 +188,8 @@ class Trainer:
             self.bad_in_a_row = 0
             return
         self.bad_in_a_row += 1
-        self.say(f"epoch {epoch} step {k}: skipped, non-finite {stats['skipped']} "
-                 f"(prompts on rank {self.rank}: {traj.prompts}); {self.bad_in_a_row} bad step(s) in a row")
+        self.warn(f"epoch {epoch} step {k}: skipped, non-finite {stats['skipped']} "
+                  f"(this rank's prompts: {traj.prompts}); {self.bad_in_a_row} bad step(s) in a row")
         if self.bad_in_a_row >= self.cfg.train.max_bad_steps:
             self.say(f"stopping: {self.bad_in_a_row} bad steps in a row (train.max_bad_steps); "
                      "the last complete checkpoint is intact")
@@ -206,8 +207,8 @@ class Trainer:
             if first_k >= cfg.train.steps_per_epoch:
                 start_epoch, first_k, rollout = start_epoch + 1, 0, None
             self.say(f"resumed from {ckpt} at epoch {start_epoch} step {first_k}")
+        preempt = Preemption()  # before announcing: a launcher may signal as soon as it sees output
         self.announce()
-        preempt = Preemption()
         bar = tqdm(range(start_epoch, cfg.train.epochs), disable=self.rank != 0, desc="epochs", dynamic_ncols=True)
         for epoch in bar:
             if rollout is not None:
@@ -245,10 +246,8 @@ def main(argv=None):
     try:
         trainer = Trainer(cfg, ds_json, args.output_dir, rank, world, device)
         trainer.run(args.resume)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        if type(err).__name__ in ("ModelLoadError", "RewardError", "ValueError", "FileNotFoundError", "ConfigError"):
-            sys.exit(f"prdp_ds.train (rank {rank}): {err}")
-        raise
+    except (ValueError, FileNotFoundError, ModelLoadError) as err:  # bad config, paths or weights
+        sys.exit(f"prdp_ds.train (rank {rank}): {err}")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -78,17 +78,18 @@ def valid_group_scale(rewards):
 def prdp_step(engine, traj, rewards, cond, uncond, cfg, impl, first_step):
     """Pass 1 (unless first_step), loss, pass 2 and one DeepSpeed optimizer step.
 
-    rewards: (G, B) fp32 on the device. Returns a dict of floats; 'skipped' names a non-finite
-    quantity when the step was not applied."""
+    rewards: (G, B) fp32 on the device. Returns a dict of floats; 'skipped' names the non-finite
+    quantity (reward, loss or grad_norm) when the step was not applied, on every rank alike."""
     G, B, T = traj.log_ratio_old.shape
     scale, n_valid = valid_group_scale(rewards)
     r_theta = traj.log_ratio_old if first_step else policy_log_ratios(engine, traj, cond, uncond, cfg, impl)
     stats = rdp_diagnostics(r_theta, traj.log_ratio_old, rewards, cfg.loss.clip_range, cfg.loss.kl_weight)
     leaf = r_theta.detach().clone().requires_grad_(True)
     loss = rdp_loss(leaf, traj.log_ratio_old, rewards, cfg.loss.clip_range, cfg.loss.kl_weight, impl) * scale
-    finite = torch.isfinite(loss.detach()).float()
-    if _all_reduce(finite, dist.ReduceOp.MIN).item() == 0:
-        return {**stats, "loss": float("nan"), "skipped": "loss"}
+    finite = torch.stack([torch.isfinite(rewards).all(), torch.isfinite(loss.detach())]).float()
+    finite = _all_reduce(finite, dist.ReduceOp.MIN).tolist()  # every rank takes the same decision
+    if finite != [1.0, 1.0]:
+        return {**stats, "loss": float("nan"), "skipped": "reward" if finite[0] == 0 else "loss"}
     if n_valid == 0:
         return {**stats, "loss": 0.0, "skipped": "no_valid_pairs"}
     loss.backward()
@@ -104,5 +105,5 @@ def prdp_step(engine, traj, rewards, cond, uncond, cfg, impl, first_step):
     global_loss = _all_reduce(loss.detach().clone()).item() / (dist.get_world_size() if dist.is_initialized() else 1)
     out = {**stats, "loss": global_loss, "grad_norm": grad_norm, "lr": engine.get_lr()[0]}
     if _all_reduce(bad_ratio).item() > 0 or not math.isfinite(grad_norm):
-        out["skipped"] = "grad_norm" if math.isfinite(out["loss"]) else "loss"
+        out["skipped"] = "grad_norm"
     return out

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -46,9 +47,11 @@ def metrics(out):
 
 
 @pytest.mark.slow
-def test_one_and_two_ranks_give_the_same_parameters(tmp_path):
+@pytest.mark.parametrize("ds_config", ["zero2", "zero3", "zero2_offload"])
+def test_one_and_two_ranks_give_the_same_parameters(tmp_path, ds_config):
     for ranks in (1, 2):
-        run(["--output-dir", str(tmp_path / f"r{ranks}"), "--set", "train.epochs=1", *SMALL], ranks=ranks)
+        run(["--output-dir", str(tmp_path / f"r{ranks}"), "--config", str(REPO / "ds_configs" / f"{ds_config}.json"),
+             "--set", "train.epochs=1", *SMALL], ranks=ranks)
     p1, p2 = (unet_params(tmp_path / f"r{r}" / "checkpoints" / "epoch_0000") for r in (1, 2))
     base = unet_params_initial()
     moved = max((p1[k] - base[k]).abs().max().item() for k in p1)
@@ -119,3 +122,45 @@ def test_demo_raises_the_reward_and_writes_its_outputs(tmp_path):
     UNet2DConditionModel.from_pretrained(str(ckpt / "unet"))
     assert {"epoch", "reward_mean", "reward_std", "loss", "clip_frac", "kl", "grad_norm", "lr", "sample_s",
             "train_s", "images_per_s", "peak_mem_mb"} <= set(rows[0])
+
+
+@pytest.mark.slow
+def test_a_nan_reward_on_one_rank_skips_the_step_on_all_and_stops_after_max_bad_steps(tmp_path, monkeypatch):
+    (tmp_path / "rank_nan.py").write_text(
+        "import torch, torch.distributed as dist\n"
+        "def score(images, prompts):\n"
+        "    s = images.mean(dim=(1, 2, 3))\n"
+        "    return s * float('nan') if dist.get_rank() == 1 else s\n")
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    proc = run(["--output-dir", str(tmp_path / "out"), "--set", "train.epochs=2", "--set", "train.max_bad_steps=2",
+                "--set", "reward={'rank_nan:score': 1.0}", *SMALL], ranks=2, check=False)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0, log[-2000:]
+    assert "[rank 1] epoch 0: reward 'rank_nan:score' returned non-finite scores" in log
+    assert "skipped, non-finite reward" in log and "train.max_bad_steps" in log
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_mid_epoch_and_the_resumed_run_equals_a_straight_one(tmp_path):
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    common = ["--set", "train.epochs=2", *SMALL]
+    run(["--output-dir", str(straight), *common])
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MASTER_PORT": str(_port())}
+    proc = subprocess.Popen([sys.executable, "-m", "prdp_ds.train", "--output-dir", str(cut), *common], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:  # the handler is installed before this line is printed
+        lines.append(line)
+        if line.startswith("batch arithmetic"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    lines += proc.stdout.readlines()
+    assert proc.wait(timeout=600) == 0, "".join(lines)[-3000:]
+    assert (cut / "checkpoints" / "latest").read_text() == "epoch_0000_step1", "".join(lines)[-2000:]
+    assert (cut / "checkpoints" / "epoch_0000_step1" / "rollout_rank0.safetensors").is_file()
+    run(["--output-dir", str(cut), "--resume", "latest", *common])
+    pa, pb = unet_params(straight / "checkpoints" / "epoch_0001"), unet_params(cut / "checkpoints" / "epoch_0001")
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    a, b = metrics(straight)[-1], metrics(cut)[-1]
+    assert {k: v for k, v in a.items() if k not in TIMING} == {k: v for k, v in b.items() if k not in TIMING}
