@@ -76,8 +76,11 @@ def full_graph_grad(unet, models, traj, rewards, cfg):
     return torch.cat([p.grad.flatten() for p in unet.parameters()])
 
 
-def _engine(models, cfg, lr, max_change=None):
+def _engine(models, cfg, lr, max_change=None, checkpointing=False):
     unet = copy.deepcopy(models.unet)
+    if checkpointing:  # what model.gradient_checkpointing turns on (diffusers: use_reentrant=False)
+        unet.enable_gradient_checkpointing()
+        assert unet.is_gradient_checkpointing
     opt = RecordingSGD(unet.parameters(), lr, max_change)
     ds = build_ds_config({"zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True}, cfg, 1)
     return make_engine(unet, ds, opt), opt
@@ -87,13 +90,19 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.mark.parametrize("steps_per_chunk,images_per_chunk,impl", [(1, 2, "torch"), (3, 6, "torch"), (4, 4, "torch"),
-                                                                   (3, 4, "triton")])
-def test_two_pass_equals_full_graph_over_two_steps(world, rollout, steps_per_chunk, images_per_chunk, impl):
+@pytest.mark.parametrize("steps_per_chunk,images_per_chunk,impl,checkpointing",
+                         [(1, 2, "torch", False), (3, 6, "torch", False), (4, 4, "torch", False),
+                          (3, 4, "triton", False), (2, 3, "torch", True)])
+def test_two_pass_equals_full_graph_over_two_steps(world, rollout, steps_per_chunk, images_per_chunk, impl,
+                                                   checkpointing, monkeypatch):
     models, traj, rewards = rollout
+    calls = []
+    real_checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint",
+                        lambda *a, **k: calls.append(k.get("use_reentrant")) or real_checkpoint(*a, **k))
     cfg = _cfg(steps_per_chunk, images_per_chunk, clip_range=2e-3)
     lr = 1e-4
-    engine, opt = _engine(models, cfg, lr)
+    engine, opt = _engine(models, cfg, lr, checkpointing=checkpointing)
     assert engine.gradient_accumulation_steps() == -(-G * B // images_per_chunk) * -(-T // steps_per_chunk)
     ref = copy.deepcopy(models.unet)
     for k in range(2):  # K = 2: the second step runs pass 1 at theta != theta_old
@@ -108,6 +117,7 @@ def test_two_pass_equals_full_graph_over_two_steps(world, rollout, steps_per_chu
             for p in ref.parameters():
                 p.add_(p.grad, alpha=-lr)
     assert stats["clip_frac"] > 0, "the clip should be active on the second step"
+    assert (len(calls) > 0) == checkpointing and all(c is False for c in calls), calls[:3]
 
 
 def test_with_one_step_per_epoch_the_clip_changes_nothing(world, rollout):
