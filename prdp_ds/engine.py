@@ -101,10 +101,12 @@ def make_optimizer(params, cfg, on_cuda_device):
 
 
 def make_engine(unet, ds_config, optimizer):
-    """Wrap the policy UNet in a DeepSpeed engine; non-finite gradients skip the step (ZeRO 1/2)."""
+    """Wrap the policy UNet in a DeepSpeed engine. A step whose gradient is non-finite is discarded:
+    ZeRO-3 and ZeRO-1/2 do so when they compute the global norm; forcing ZeRO-1/2's overflow check
+    covers runs that compute none (train.grad_clip = 0). tests/test_twopass.py checks stages 2 and 3."""
     import deepspeed
     engine, optimizer, _, _ = deepspeed.initialize(model=unet, optimizer=optimizer, config=ds_config,
                                                    model_parameters=[p for p in unet.parameters() if p.requires_grad])
-    if hasattr(engine.optimizer, "check_grad_overflow"):  # ZeRO 1/2 skip on overflow only for fp16/bf16 by default
+    if hasattr(engine.optimizer, "check_grad_overflow"):  # ZeRO-1/2: off for fp32 by default
         engine.optimizer.check_grad_overflow = True
     return engine

@@ -156,3 +156,22 @@ def test_non_finite_reward_or_loss_skips_the_step(world, rollout):
     stats = prdp_step(engine, broken, rewards, models.encode_prompts(traj.flat_prompts),
                       models.encode_prompts([""]), cfg, "torch", first_step=True)
     assert stats["skipped"] == "loss" and opt.seen == []
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_non_finite_gradient_skips_the_step(world, rollout, stage):
+    models, traj, rewards = rollout
+    cfg = _cfg(2, 3, 1e-3)
+    unet = copy.deepcopy(models.unet)
+    target = unet.conv_out.weight
+    target.register_hook(lambda grad: grad * float("nan"))  # finite loss and log-ratios, NaN gradient
+    opt = RecordingSGD(unet.parameters(), 1e-4)
+    ds = build_ds_config({"zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True}, cfg, 1)
+    engine = make_engine(unet, ds, opt)
+    before = [p.detach().clone() for p in models.unet.parameters()]
+    stats = prdp_step(engine, traj, rewards, models.encode_prompts(traj.flat_prompts),
+                      models.encode_prompts([""]), cfg, "torch", first_step=True)
+    assert stats["skipped"] == "grad_norm" and opt.seen == []
+    import deepspeed
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+        assert all(torch.equal(a, p) for a, p in zip(before, engine.module.parameters()))
