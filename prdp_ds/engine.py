@@ -5,7 +5,7 @@ written into the DeepSpeed JSON, and a JSON that sets one of them to another val
 Accumulation equals the number of pass-2 backward calls per optimizer step (SPEC §6): ZeRO-2
 reduces gradients on every `engine.backward`, and with fewer accumulation steps than backward
 calls it silently produces wrong gradients. Each backward uses scale_wrt_gas=False, so the summed
-gradient is exactly that of the loss.
+gradient is exactly that of the loss, and the sum is kept in fp32 (data_types.grad_accum_dtype).
 """
 import json
 import math
@@ -83,6 +83,10 @@ def build_ds_config(ds_json, cfg, world_size, path="--config"):
                              f"({where.get(key, 'derived from train.* and sampler.num_steps')}); "
                              f"remove it from the JSON (it says {ds_json[key]!r}, the training config gives {owned.get(key)!r})")
     out.update(owned)
+    accum = out.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
+    if accum != "fp32":  # pass 2 sums ~T x images/chunk backward calls: in bf16 that alone costs ~1%
+        raise ValueError(f"{path}: data_types.grad_accum_dtype must be 'fp32' (the gradient is summed over every "
+                         f"pass-2 backward call), got {accum!r}")
     bf16 = out.get("bf16", {}).get("enabled", "auto")
     if bf16 == "auto":
         bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()

@@ -90,12 +90,14 @@ class Trainer:
         self.arith = batch_arithmetic(cfg, world)
         self.reward_fn = build_reward(cfg.reward, device)        # fails here, before any sampling
         self.prompts = load_prompts(cfg.prompts.source, cfg.prompts.template)
+        self.ds_config = build_ds_config(ds_json, cfg, world)
         self.models = load_models(cfg.model.pretrained, cfg.model.seed)
         on_gpu = device.type == "cuda"
-        self.models.to(device, frozen_dtype=torch.bfloat16 if on_gpu else None)
+        # frozen parts in the policy's compute dtype: at theta = ref both round alike and r = 0 exactly
+        bf16 = self.ds_config["bf16"]["enabled"]
+        self.models.to(device, frozen_dtype=torch.bfloat16 if bf16 else None)
         if cfg.model.gradient_checkpointing:
             self.models.unet.enable_gradient_checkpointing()
-        self.ds_config = build_ds_config(ds_json, cfg, world)
         offload = self.ds_config["zero_optimization"].get("offload_optimizer", {}).get("device") == "cpu"
         unet = self.models.unet
         self.engine = make_engine(unet, self.ds_config, make_optimizer(unet.parameters(), cfg, on_gpu and not offload))

@@ -29,7 +29,8 @@ def run(args, ranks=1, check=True):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "MASTER_PORT": str(_port())}
     if ranks == 1:
         cmd = [sys.executable, "-m", "prdp_ds.train", *args]
-    else:
+    else:  # one torch thread per rank: two ranks x two threads on 2 cores run several times slower
+        env.setdefault("OMP_NUM_THREADS", "1")
         cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", env["MASTER_PORT"],
                "--module", "prdp_ds.train", *args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
@@ -164,3 +165,14 @@ def test_sigterm_checkpoints_mid_epoch_and_the_resumed_run_equals_a_straight_one
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
     a, b = metrics(straight)[-1], metrics(cut)[-1]
     assert {k: v for k, v in a.items() if k not in TIMING} == {k: v for k, v in b.items() if k not in TIMING}
+
+
+@pytest.mark.slow
+def test_bf16_policy_and_reference_agree_at_init(tmp_path):
+    """Frozen parts take the policy's compute dtype, so r(theta = ref) = 0 exactly in bf16 too."""
+    ds = tmp_path / "bf16.json"
+    ds.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}))
+    run(["--output-dir", str(tmp_path / "out"), "--config", str(ds), *SMALL, "--set", "train.epochs=1",
+         "--set", "train.steps_per_epoch=1"])  # later --set wins: K = 1, so kl is that of theta = ref
+    row = metrics(tmp_path / "out")[0]
+    assert row["kl"] == 0.0 and row["clip_frac"] == 0.0 and math.isfinite(row["loss"])

@@ -1,0 +1,48 @@
+import pytest
+
+from prdp_ds.config import Config
+from prdp_ds.engine import batch_arithmetic, build_ds_config
+
+
+def _cfg(N=8, B=4, T=10, images_per_chunk=3, steps_per_chunk=4):
+    cfg = Config()
+    cfg.train.prompts_per_epoch, cfg.train.images_per_prompt = N, B
+    cfg.sampler.num_steps = T
+    cfg.train.images_per_chunk, cfg.train.steps_per_chunk = images_per_chunk, steps_per_chunk
+    return cfg
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_accumulation_equals_backward_calls_per_step(world):
+    cfg = _cfg()
+    arith = batch_arithmetic(cfg, world)
+    images = 8 // world * 4
+    assert arith["images_per_rank"] == images
+    assert arith["backward_calls_per_step"] == -(-images // 3) * -(-10 // 4)
+    ds = build_ds_config({}, cfg, world)
+    assert ds["gradient_accumulation_steps"] == arith["backward_calls_per_step"]
+    assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world
+    assert ds["gradient_clipping"] == cfg.train.grad_clip
+    assert ds["data_types"]["grad_accum_dtype"] == "fp32"
+
+
+def test_uneven_split_is_refused():
+    with pytest.raises(ValueError, match="train.prompts_per_epoch=8 must be divisible by the world size 3"):
+        batch_arithmetic(_cfg(), 3)
+
+
+@pytest.mark.parametrize("json_value,match", [
+    ({"gradient_accumulation_steps": 1}, "'gradient_accumulation_steps' is owned"),
+    ({"optimizer": {"type": "AdamW"}}, "'optimizer' is owned by the training config"),
+    ({"data_types": {"grad_accum_dtype": "bf16"}}, "grad_accum_dtype must be 'fp32'"),
+])
+def test_conflicting_json_is_an_error(json_value, match):
+    with pytest.raises(ValueError, match=match):
+        build_ds_config(json_value, _cfg(), 1)
+
+
+def test_agreeing_json_values_and_offload():
+    cfg = _cfg()
+    ds = build_ds_config({"gradient_clipping": cfg.train.grad_clip, "bf16": {"enabled": False},
+                          "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, cfg, 1)
+    assert ds["bf16"]["enabled"] is False and ds["zero_force_ds_cpu_optimizer"] is False
