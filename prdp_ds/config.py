@@ -18,6 +18,8 @@ class ModelConfig:
     pretrained: str = "tiny"              # 'tiny' (random-weight test models) or a local diffusers SD v1.x folder
     seed: int = 0                         # seed of the tiny models' random weights
     gradient_checkpointing: bool = False  # UNet activation checkpointing in pass 2 (use_reentrant=False)
+    lora_rank: int = 0                    # 0: finetune the full UNet; > 0: train only LoRA adapters of this rank (peft)
+    lora_alpha: float = 0.0               # LoRA scale numerator (scale = alpha / rank); 0 means alpha = rank
 
 
 @dataclass
@@ -57,6 +59,25 @@ class TrainConfig:
 class PromptsConfig:
     source: str = "animals"      # 'animals' (45 common animals) or a local .txt file, one prompt per line
     template: str = "{}"         # format string applied to each prompt, e.g. 'A painting of a {}'
+    field: str = "prompt"        # jsonl / json / csv / parquet: the column holding the prompt ('caption' for Pick-a-Pic)
+    dedupe: bool = True          # drop repeated prompts (counted and reported at start)
+    over_length: str = "truncate"  # prompts longer than the text encoder's context: 'truncate' (as SD does) or 'drop'
+
+
+@dataclass
+class AlgoConfig:
+    name: str = "prdp"           # 'prdp' (this paper) or 'ddpo' (the baseline, SPEC section 11)
+    online: bool = True          # False: offline mode (paper 4.3), train on trajectories sampled once from the reference
+    offline_dir: str = ""        # offline dataset folder ('' means OUTPUT_DIR/offline); reused and completed if present
+
+
+@dataclass
+class DDPOConfig:
+    clip_range: float = 1e-4     # PPO clip on the per-step ratio exp(logp_theta - logp_old)
+    adv_clip: float = 5.0        # advantages are clipped to [-adv_clip, adv_clip]
+    per_prompt_norm: bool = True  # standardize rewards per prompt from its history (False: batch statistics, ablation)
+    buffer_size: int = 32        # rewards kept per prompt in the statistics tracker
+    min_count: int = 16          # history needed before a prompt's own statistics replace the batch's
 
 
 @dataclass
@@ -65,6 +86,7 @@ class OutputConfig:
     sample_every: int = 5        # epochs between sample grids (samples/epoch_XXXX.png)
     eval_prompts: typing.List[str] = field(default_factory=lambda: ["cat", "dog", "horse", "fox"])  # grid rows (templated)
     eval_images: int = 4         # grid columns: fixed seeds per eval prompt
+    save_merged_unet: bool = False  # with LoRA: also save the UNet with the adapters merged (unet/) in checkpoints
 
 
 @dataclass
@@ -74,6 +96,8 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    ddpo: DDPOConfig = field(default_factory=DDPOConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     reward: typing.Dict[str, typing.Any] = field(default_factory=lambda: {"brightness": 1.0})  # name -> weight or {weight, options}
 
@@ -82,7 +106,8 @@ class ConfigError(ValueError):
     """A configuration key or value is invalid."""
 
 
-CHOICES = {"loss.reduction": ("sum", "mean"), "loss.impl": ("auto", "torch", "triton")}
+CHOICES = {"loss.reduction": ("sum", "mean"), "loss.impl": ("auto", "torch", "triton"), "algo.name": ("prdp", "ddpo"),
+           "prompts.over_length": ("truncate", "drop")}
 
 
 def _check_value(key, value, typ):
