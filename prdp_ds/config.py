@@ -76,8 +76,9 @@ class DDPOConfig:
     clip_range: float = 1e-4     # PPO clip on the per-step ratio exp(logp_theta - logp_old)
     adv_clip: float = 5.0        # advantages are clipped to [-adv_clip, adv_clip]
     per_prompt_norm: bool = True  # standardize rewards per prompt from its history (False: batch statistics, ablation)
-    buffer_size: int = 32        # rewards kept per prompt in the statistics tracker
+    buffer_size: int = 16        # rewards kept per prompt in the statistics tracker (DDPO's default)
     min_count: int = 16          # history needed before a prompt's own statistics replace the batch's
+    reduction: str = "mean"      # units of the PPO ratio's log-prob: 'mean' over latent elements (DDPO's code) or 'sum'
 
 
 @dataclass
@@ -107,7 +108,7 @@ class ConfigError(ValueError):
 
 
 CHOICES = {"loss.reduction": ("sum", "mean"), "loss.impl": ("auto", "torch", "triton"), "algo.name": ("prdp", "ddpo"),
-           "prompts.over_length": ("truncate", "drop")}
+           "prompts.over_length": ("truncate", "drop"), "ddpo.reduction": ("sum", "mean")}
 
 
 def _check_value(key, value, typ):

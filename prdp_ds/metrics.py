@@ -1,6 +1,6 @@
-"""Run outputs on rank 0: metrics.jsonl (one object per epoch), TensorBoard events, sample grids
-(samples/epoch_XXXX.png: rows = eval prompts, columns = fixed seeds, comparable across epochs)
-and reward_curve.png (mean reward +- standard error per epoch)."""
+"""Run outputs on rank 0: metrics.jsonl (one object per epoch), prompts.jsonl (the prompts each
+rank sampled per epoch), TensorBoard events, sample grids (samples/epoch_XXXX.png: rows = eval
+prompts, columns = fixed seeds, comparable across epochs) and training_curves.png (prdp_ds.plot)."""
 import json
 import math
 from pathlib import Path
@@ -18,16 +18,20 @@ class RunLog:
             from torch.utils.tensorboard import SummaryWriter
             self._tb = SummaryWriter(str(self.dir / "tensorboard"))
 
-    def log(self, record, resumed_from=None):
-        """Append one epoch's metrics; on resume, lines of epochs >= resumed_from are dropped first."""
-        if not self.enabled:
-            return
-        path = self.dir / "metrics.jsonl"
+    def _append(self, name, record, resumed_from):
+        """Append a JSON line; on resume, lines of epochs >= resumed_from are dropped first."""
+        path = self.dir / name
         if resumed_from is not None and path.exists():
             keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["epoch"] < resumed_from]
             path.write_text("".join(line + "\n" for line in keep))
         with path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+    def log(self, record, resumed_from=None):
+        """One epoch's metrics -> metrics.jsonl and TensorBoard."""
+        if not self.enabled:
+            return
+        self._append("metrics.jsonl", record, resumed_from)
         for key, value in record.items():
             if key != "epoch" and isinstance(value, (int, float)) and math.isfinite(value):
                 self._tb.add_scalar(key, value, record["epoch"])
@@ -43,27 +47,17 @@ class RunLog:
         self._tb.add_images("samples", images.flatten(0, 1).float().cpu(), epoch)
         return path
 
+    def log_prompts(self, epoch, per_rank, resumed_from=None):
+        """The prompts each rank sampled this epoch -> prompts.jsonl ({"epoch", "ranks": [[...], ...]})."""
+        if self.enabled:
+            self._append("prompts.jsonl", {"epoch": epoch, "ranks": per_rank}, resumed_from)
+
     def plot_rewards(self):
+        """training_curves.png: reward (± s.e.), components, loss, clip fraction, KL, grad norm."""
         if not self.enabled or not (self.dir / "metrics.jsonl").exists():
             return None
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        rows = [json.loads(line) for line in (self.dir / "metrics.jsonl").read_text().splitlines() if line]
-        epochs = [r["epoch"] for r in rows]
-        mean = torch.tensor([r["reward_mean"] for r in rows])
-        se = torch.tensor([r["reward_std"] / math.sqrt(max(r["num_images"], 1)) for r in rows])
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(epochs, mean, marker="o", ms=3)
-        ax.fill_between(epochs, mean - se, mean + se, alpha=0.3)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("reward (mean ± s.e.)")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        path = self.dir / "reward_curve.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return path
+        from prdp_ds.plot import plot_runs
+        return plot_runs({self.dir.name: [self.dir]}, self.dir / "training_curves.png")
 
     def close(self):
         if self._tb is not None:

@@ -8,14 +8,21 @@ Per step, with guided prediction eps_hat = eps_u + w (eps_c - eps_u):
 Each image draws its start latent and all step noises from its own seed, so a (seed, prompt)
 gives the same trajectory at any batch size and on any rank. The frozen reference UNet's guided
 prediction eps_ref at the same x_t and the cancellation-free log-ratio r_old (SPEC §3) are
-recorded beside the trajectory; images are decoded to [0, 1].
+recorded beside the trajectory; images are decoded to [0, 1]. When the policy is the reference
+itself (offline datasets), the reference pass is not repeated: eps_ref is eps_old and r_old = 0.
+A rollout (one rank's trajectories and rewards) is saved to and loaded from safetensors.
 """
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from prdp_ds.logratio import cfg_step_log_ratio, guided_eps
+
+ROLLOUT_FIELDS = ("latents", "eps_old", "eps_ref", "log_ratio_old", "images", "seeds")
 
 
 @dataclass
@@ -116,7 +123,8 @@ def sample(models, prompts, seeds, num_steps, guidance_scale, eta=1.0, batch_siz
     uncond = models.encode_prompts([""])
     latents = torch.empty((n, T + 1, *latent_shape), device=device)
     eps_old = torch.empty((n, T, *latent_shape), device=device) if with_reference else None
-    eps_ref = torch.empty_like(eps_old) if with_reference else None
+    policy_is_reference = models.unet is models.ref_unet
+    eps_ref = torch.empty_like(eps_old) if with_reference and not policy_is_reference else None
     r_old = torch.empty((n, T), device=device) if with_reference else None
     flat_seeds = seeds.reshape(-1).tolist()
     for lo in range(0, n, batch_size):
@@ -131,7 +139,10 @@ def sample(models, prompts, seeds, num_steps, guidance_scale, eta=1.0, batch_siz
             eps_u, eps_c = cfg_predict(unet, x, t, cond, unc)
             eps = guided_eps(eps_u.float(), eps_c.float(), guidance_scale)
             x_prev = a * x + b * eps + s * noise[:, k + 1]
-            if with_reference:
+            if with_reference and policy_is_reference:
+                eps_old[idx, k] = eps
+                r_old[idx, k] = 0.0
+            elif with_reference:
                 ref_u, ref_c = cfg_predict(models.ref_unet, x, t, cond, unc)
                 eps_ref[idx, k] = guided_eps(ref_u.float(), ref_c.float(), guidance_scale)
                 eps_old[idx, k] = eps
@@ -141,5 +152,31 @@ def sample(models, prompts, seeds, num_steps, guidance_scale, eta=1.0, batch_siz
             x = x_prev
     images = torch.cat([models.decode(latents[lo:lo + batch_size, -1]) for lo in range(0, n, batch_size)])
     shape = lambda t: None if t is None else t.reshape(G, B, *t.shape[1:])  # noqa: E731
-    return Trajectories(list(prompts), seeds, shape(latents), shape(eps_old), shape(eps_ref),
+    eps_old = shape(eps_old)
+    return Trajectories(list(prompts), seeds, shape(latents), eps_old, eps_old if policy_is_reference else shape(eps_ref),
                         shape(r_old), sched, shape(images))
+
+
+def save_rollout(path, traj, rewards):
+    """One rank's trajectories and rewards (G, B) -> safetensors file, written under a .tmp name and
+    renamed. eps_ref is stored once when it is eps_old (a rollout of the reference itself)."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    shared = traj.eps_ref is traj.eps_old
+    tensors = {f: getattr(traj, f).contiguous().cpu() for f in ROLLOUT_FIELDS if not (shared and f == "eps_ref")}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({**tensors, "rewards": rewards.contiguous().cpu()}, str(tmp),
+              metadata={"prompts": json.dumps(traj.prompts), "eps_ref_is_eps_old": json.dumps(shared)})
+    os.replace(tmp, path)
+
+
+def load_rollout(path, schedule, device):
+    """The inverse of save_rollout -> (Trajectories, rewards (G, B)) on `device`."""
+    from safetensors import safe_open
+    with safe_open(str(path), "pt", device=str(device)) as f:
+        meta = f.metadata()
+        t = {name: f.get_tensor(name) for name in f.keys()}
+    if json.loads(meta.get("eps_ref_is_eps_old", "false")):
+        t["eps_ref"] = t["eps_old"]
+    traj = Trajectories(prompts=json.loads(meta["prompts"]), schedule=schedule, **{f: t[f] for f in ROLLOUT_FIELDS})
+    return traj, t["rewards"]

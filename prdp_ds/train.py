@@ -6,7 +6,10 @@
 
 Per epoch: draw this rank's prompt groups, sample them with the current policy (no grad),
 score them, then K optimizer steps, each exact over whole trajectories (prdp_ds.twopass).
+`algo.name: ddpo` takes DDPO's steps instead (prdp_ds.ddpo) on the same rollouts, and
+`algo.online: false` reads the rollouts from a dataset sampled once from the reference (prdp_ds.offline).
 """
+import dataclasses
 import argparse
 import json
 import math
@@ -20,11 +23,13 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from prdp_ds import config as config_lib
+from prdp_ds.ddpo import PerPromptStatTracker, advantages, ddpo_step
 from prdp_ds.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from prdp_ds.engine import batch_arithmetic, build_ds_config, init_distributed, load_ds_json, make_engine, make_optimizer
 from prdp_ds.metrics import RunLog, peak_memory_mb
 from prdp_ds.models import ModelLoadError, load_models
-from prdp_ds.prompts import epoch_prompts, load_prompts, rank_slice
+from prdp_ds.offline import OfflineDataset, dataset_meta
+from prdp_ds.prompts import PromptSampler, load_prompts, rank_slice
 from prdp_ds.rewards import NonFiniteRewardError, build_reward
 from prdp_ds.sampler import image_seeds, sample, step_schedule
 from prdp_ds.twopass import prdp_step
@@ -59,6 +64,15 @@ def _mean_all(values, device):
     return dict(zip(keys, t.tolist()))
 
 
+def _gather_prompts(prompts):
+    """Each rank's list of prompts -> the list of all ranks' lists (on every rank)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [list(prompts)]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, list(prompts))
+    return out
+
+
 def _gather(t):
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return t
@@ -89,9 +103,11 @@ class Trainer:
         self.cfg, self.output_dir, self.rank, self.world, self.device = cfg, Path(output_dir), rank, world, device
         self.arith = batch_arithmetic(cfg, world)
         self.reward_fn = build_reward(cfg.reward, device)        # fails here, before any sampling
-        self.prompts = load_prompts(cfg.prompts.source, cfg.prompts.template)
         self.ds_config = build_ds_config(ds_json, cfg, world)
         self.models = load_models(cfg.model.pretrained, cfg.model.seed)
+        p = cfg.prompts
+        self.prompts = load_prompts(p.source, p.template, p.field, p.dedupe, p.over_length)
+        self.prompt_sampler = PromptSampler.for_set(self.prompts, cfg.train.prompts_per_epoch, cfg.train.seed)
         on_gpu = device.type == "cuda"
         # frozen parts in the policy's compute dtype: at theta = ref both round alike and r = 0 exactly
         bf16 = self.ds_config["bf16"]["enabled"]
@@ -106,6 +122,10 @@ class Trainer:
         self.schedule = step_schedule(self.models.scheduler, cfg.sampler.num_steps, cfg.sampler.eta).to(device)
         self.log = RunLog(output_dir, enabled=rank == 0)
         self.bad_in_a_row = 0
+        ddpo = cfg.algo.name == "ddpo"
+        self.tracker = PerPromptStatTracker(cfg.ddpo.buffer_size, cfg.ddpo.min_count) if ddpo else None
+        self.offline = None if cfg.algo.online else OfflineDataset(
+            cfg.algo.offline_dir or self.output_dir / "offline", dataset_meta(cfg, world, self.prompts.fingerprint), rank)
 
     def say(self, text):
         if self.rank == 0:
@@ -120,19 +140,25 @@ class Trainer:
             return
         print("resolved training config:\n" + config_lib.dump(self.cfg), flush=True)
         print("batch arithmetic: " + json.dumps(self.arith), flush=True)
+        print(self.prompts.summary(), flush=True)
+        if self.prompt_sampler.repeats_within_epoch:
+            print(f"warning: train.prompts_per_epoch={self.cfg.train.prompts_per_epoch} exceeds the {len(self.prompts)} "
+                  "prompts of the set: prompts repeat within an epoch", flush=True)
         if not self.ds_config["bf16"]["enabled"]:
             print("precision: fp32 (no bf16-capable accelerator found)", flush=True)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         (self.output_dir / "config.yaml").write_text(config_lib.dump(self.cfg))
 
-    def rollout(self, epoch):
-        """Sample this rank's groups for `epoch` and score them -> (traj, rewards (G,B), parts, seconds)."""
+    def rollout(self, epoch, from_reference=False):
+        """Sample this rank's groups for `epoch` with the policy (or the reference) and score them
+        -> (traj, rewards (G,B), parts, seconds)."""
         cfg, s = self.cfg, self.cfg.sampler
+        models = dataclasses.replace(self.models, unet=self.models.ref_unet) if from_reference else self.models
         start = time.perf_counter()
         group_ids = rank_slice(cfg.train.prompts_per_epoch, self.rank, self.world)
-        all_prompts = epoch_prompts(self.prompts, cfg.train.prompts_per_epoch, cfg.train.seed, epoch)
+        all_prompts = self.prompt_sampler.prompts(self.prompts, epoch)
         seeds = image_seeds(cfg.train.seed, epoch, group_ids, cfg.train.images_per_prompt)
-        traj = sample(self.models, [all_prompts[g] for g in group_ids], seeds, s.num_steps, s.guidance_scale,
+        traj = sample(models, [all_prompts[g] for g in group_ids], seeds, s.num_steps, s.guidance_scale,
                       s.eta, s.batch_size, cfg.loss.reduction, self.impl)
         G, B = seeds.shape
         try:
@@ -140,7 +166,7 @@ class Trainer:
         except NonFiniteRewardError as err:  # the step is skipped on every rank (prdp_step)
             self.warn(f"epoch {epoch}: {err}")
             total = torch.full((G * B,), float("nan"), device=self.device)
-            parts = {}
+            parts = {name: total for name in self.reward_fn.components}
         return traj, total.reshape(G, B).to(self.device), parts, time.perf_counter() - start
 
     def eval_grid(self, epoch):
@@ -158,32 +184,52 @@ class Trainer:
         cond = self.models.encode_prompts(traj.flat_prompts)
         uncond = self.models.encode_prompts([""])
         start = time.perf_counter()
+        if self.tracker is not None:  # DDPO: this epoch's rewards enter the tracker once
+            tracker_before = self.tracker.state_dict()
+            adv = advantages(self.tracker, traj, rewards, cfg.ddpo)
         steps, k = [], first_k
         while k < cfg.train.steps_per_epoch:
-            stats = prdp_step(self.engine, traj, rewards, cond, uncond, cfg, self.impl, first_step=k == 0)
+            if self.tracker is None:
+                stats = prdp_step(self.engine, traj, rewards, cond, uncond, cfg, self.impl,
+                                  first_step=k == 0 and cfg.algo.online)
+            else:
+                stats = ddpo_step(self.engine, traj, adv, cond, uncond, cfg, self.impl)
             k += 1
             self._handle_bad(epoch, k, stats, traj)
             steps.append(stats)
             if preempt.agreed(self.device) and k < cfg.train.steps_per_epoch:
                 self.say(f"SIGTERM: checkpointing epoch {epoch} after step {k} and exiting")
-                save_checkpoint(self.engine, cfg, self.output_dir, {"epoch": epoch, "step_in_epoch": k}, self.rank,
-                                rollout=(traj, rewards))
+                state = self.state(epoch, k, tracker_before if self.tracker is not None else None)
+                save_checkpoint(self.engine, cfg, self.output_dir, state, self.rank,
+                                rollout=(traj, rewards) if self.offline is None else None)
                 raise SystemExit(0)
         train_s = time.perf_counter() - start
         all_rewards = _gather(rewards.reshape(-1))
         applied = [s for s in steps if "skipped" not in s]
-        local = {key: sum(s[key] for s in applied) / len(applied) for key in ("clip_frac", "kl", "pred_err")} if applied else {}
-        local.update({f"reward/{name}": float(v.mean()) for name, v in parts.items()})
+        keys = [key for key in ("clip_frac", "kl", "pred_err") if applied and key in applied[0]]
+        local = {key: sum(s[key] for s in applied) / len(applied) for key in keys}
+        components = {}
+        for name, v in parts.items():
+            v = _gather(v.reshape(-1).to(self.device))
+            components.update({f"reward/{name}": float(v.mean()), f"reward/{name}_std": float(v.std()) if v.numel() > 1 else 0.0})
         n = all_rewards.numel()
         record = {"epoch": epoch, "reward_mean": float(all_rewards.mean()),
                   "reward_std": float(all_rewards.std()) if n > 1 else 0.0, "num_images": n,
                   "loss": sum(s["loss"] for s in applied) / len(applied) if applied else float("nan"),
                   "grad_norm": sum(s["grad_norm"] for s in applied) / len(applied) if applied else float("nan"),
                   "lr": self.engine.get_lr()[0], "steps_applied": len(applied), "steps_skipped": len(steps) - len(applied),
-                  **_mean_all(local, self.device),
+                  **_mean_all(local, self.device), **components,
                   "sample_s": sample_s, "train_s": train_s, "images_per_s": n / max(sample_s + train_s, 1e-9),
                   "peak_mem_mb": peak_memory_mb(self.device)}
         return record
+
+    def state(self, epoch, step_in_epoch, tracker_state=None):
+        """What trainer_state.json holds besides the engine: position, DDPO statistics."""
+        state = {"epoch": epoch, "step_in_epoch": step_in_epoch, "algo": self.cfg.algo.name,
+                 "prompts": self.prompt_sampler.state_dict(epoch + 1)}
+        if self.tracker is not None:
+            state["ddpo_tracker"] = tracker_state or self.tracker.state_dict()
+        return state
 
     def _handle_bad(self, epoch, k, stats, traj):
         if "skipped" not in stats:
@@ -205,30 +251,44 @@ class Trainer:
             self.say(f"--resume {resume}: no complete checkpoint in {self.output_dir / 'checkpoints'}; starting fresh")
         if ckpt is not None:
             state, rollout = load_checkpoint(self.engine, ckpt, self.rank, self.schedule, self.device)
+            if state.get("algo", "prdp") != cfg.algo.name:
+                raise ValueError(f"--resume {ckpt}: made with algo.name={state.get('algo', 'prdp')!r}, "
+                                 f"this run has algo.name={cfg.algo.name!r}")
+            if "prompts" in state:
+                self.prompt_sampler.check_state(state["prompts"])
+            if self.tracker is not None:
+                self.tracker.load_state_dict(state["ddpo_tracker"])
             start_epoch, first_k = state["epoch"], state["step_in_epoch"]
             if first_k >= cfg.train.steps_per_epoch:
                 start_epoch, first_k, rollout = start_epoch + 1, 0, None
             self.say(f"resumed from {ckpt} at epoch {start_epoch} step {first_k}")
         preempt = Preemption()  # before announcing: a launcher may signal as soon as it sees output
         self.announce()
+        if self.offline is not None:
+            self.say(f"offline mode: rollouts of the reference model in {self.offline.dir}")
+            self.offline.build(cfg.train.epochs, lambda e: self.rollout(e, from_reference=True)[:2])
         bar = tqdm(range(start_epoch, cfg.train.epochs), disable=self.rank != 0, desc="epochs", dynamic_ncols=True)
         for epoch in bar:
             if rollout is not None:
                 (traj, rewards), parts, sample_s = rollout, {}, 0.0
                 rollout = None
+            elif self.offline is not None:
+                (traj, rewards), parts, sample_s = self.offline.load(epoch, self.schedule, self.device), {}, 0.0
+                first_k = first_k if epoch == start_epoch else 0
             else:
                 traj, rewards, parts, sample_s = self.rollout(epoch)
                 first_k = 0
             record = self.train_epoch(epoch, traj, rewards, parts, sample_s, first_k, preempt)
-            self.log.log(record, resumed_from=epoch if epoch == start_epoch and ckpt is not None else None)
+            resumed_from = epoch if epoch == start_epoch and ckpt is not None else None
+            self.log.log(record, resumed_from)
+            self.log.log_prompts(epoch, _gather_prompts(traj.prompts), resumed_from)
             bar.set_postfix(reward=f"{record['reward_mean']:.4g}", loss=f"{record['loss']:.4g}")
             self.say(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
             last = epoch == cfg.train.epochs - 1
             if cfg.output.sample_every and (epoch % cfg.output.sample_every == 0 or last):
                 self.eval_grid(epoch)
             if last or (cfg.output.save_every and (epoch + 1) % cfg.output.save_every == 0) or preempt.agreed(self.device):
-                save_checkpoint(self.engine, cfg, self.output_dir, {"epoch": epoch, "step_in_epoch": cfg.train.steps_per_epoch},
-                                self.rank)
+                save_checkpoint(self.engine, cfg, self.output_dir, self.state(epoch, cfg.train.steps_per_epoch), self.rank)
                 self.log.plot_rewards()
                 if preempt.requested:
                     self.say(f"SIGTERM: checkpointed epoch {epoch}, exiting")

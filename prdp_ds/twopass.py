@@ -22,7 +22,7 @@ from prdp_ds.loss import rdp_diagnostics, rdp_loss
 from prdp_ds.sampler import cfg_predict
 
 
-def _chunks(cfg, n_images):
+def chunks(cfg, n_images):
     """(image slice, step slice) pairs in pass order; their count is the DeepSpeed accumulation."""
     t = cfg.train
     T = cfg.sampler.num_steps
@@ -30,8 +30,9 @@ def _chunks(cfg, n_images):
             for i in range(0, n_images, t.images_per_chunk) for k in range(0, T, t.steps_per_chunk)]
 
 
-def chunk_log_ratios(unet, traj, cond, uncond, images, steps, cfg, impl):
-    """r(theta) for images x steps of the flattened trajectories -> (n_images, n_steps) fp32.
+def chunk_log_ratios(unet, traj, cond, uncond, images, steps, cfg, impl, against="eps_ref"):
+    """log pi_theta - log pi_ref (or pi_old with against="eps_old") for images x steps of the
+    flattened trajectories -> (n_images, n_steps) fp32, in cfg.loss.reduction units.
 
     traj tensors are flattened to (n, T(+1), ...); cond: (n, L, dim), uncond: (1, L, dim)."""
     sched = traj.schedule
@@ -39,7 +40,7 @@ def chunk_log_ratios(unet, traj, cond, uncond, images, steps, cfg, impl):
     rows = lambda t: t.flatten(0, 1)  # noqa: E731  (ni, nk, ...) -> (ni * nk, ...)
     x_t = rows(traj.flat("latents")[images, steps])
     x_prev = rows(traj.flat("latents")[images, steps.start + 1:steps.stop + 1])
-    eps_ref = rows(traj.flat("eps_ref")[images, steps])
+    eps_ref = rows(traj.flat(against)[images, steps])
     t = sched.timesteps[steps].repeat(ni)
     a, b, sigma = (c[steps].repeat(ni) for c in (sched.a, sched.b, sched.sigma))
     c = cond[images].repeat_interleave(nk, dim=0)
@@ -54,12 +55,12 @@ def policy_log_ratios(unet, traj, cond, uncond, cfg, impl):
     """Pass 1: r(theta) for every image and step, no grad -> (G, B, T) fp32."""
     G, B, T = traj.log_ratio_old.shape
     r = torch.empty(G * B, T, device=traj.log_ratio_old.device)
-    for images, steps in _chunks(cfg, G * B):
+    for images, steps in chunks(cfg, G * B):
         r[images, steps] = chunk_log_ratios(unet, traj, cond, uncond, images, steps, cfg, impl)
     return r.reshape(G, B, T)
 
 
-def _all_reduce(value, op=dist.ReduceOp.SUM):
+def all_reduce(value, op=dist.ReduceOp.SUM):
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(value, op=op)
     return value
@@ -71,7 +72,7 @@ def valid_group_scale(rewards):
     G, B = rewards.shape
     local = ((rewards[:, :, None] - rewards[:, None, :]) > 0).flatten(1).any(dim=1).sum().float()
     world = dist.get_world_size() if dist.is_initialized() else 1
-    total = _all_reduce(local.clone())
+    total = all_reduce(local.clone())
     return (local * world / total.clamp(min=1)).item(), int(total.item())
 
 
@@ -87,7 +88,7 @@ def prdp_step(engine, traj, rewards, cond, uncond, cfg, impl, first_step):
     leaf = r_theta.detach().clone().requires_grad_(True)
     loss = rdp_loss(leaf, traj.log_ratio_old, rewards, cfg.loss.clip_range, cfg.loss.kl_weight, impl) * scale
     finite = torch.stack([torch.isfinite(rewards).all(), torch.isfinite(loss.detach())]).float()
-    finite = _all_reduce(finite, dist.ReduceOp.MIN).tolist()  # every rank takes the same decision
+    finite = all_reduce(finite, dist.ReduceOp.MIN).tolist()  # every rank takes the same decision
     if finite != [1.0, 1.0]:
         return {**stats, "loss": float("nan"), "skipped": "reward" if finite[0] == 0 else "loss"}
     if n_valid == 0:
@@ -95,15 +96,15 @@ def prdp_step(engine, traj, rewards, cond, uncond, cfg, impl, first_step):
     loss.backward()
     g = leaf.grad.reshape(G * B, T)
     bad_ratio = torch.zeros((), device=g.device)
-    for images, steps in _chunks(cfg, G * B):
+    for images, steps in chunks(cfg, G * B):
         r = chunk_log_ratios(engine, traj, cond, uncond, images, steps, cfg, impl)
         bad_ratio = torch.maximum(bad_ratio, (~torch.isfinite(r.detach())).any().float())
         engine.backward((g[images, steps] * r).sum(), scale_wrt_gas=False)
         engine.step()
     grad_norm = engine.get_global_grad_norm()
     grad_norm = float("nan") if grad_norm is None else float(grad_norm)
-    global_loss = _all_reduce(loss.detach().clone()).item() / (dist.get_world_size() if dist.is_initialized() else 1)
+    global_loss = all_reduce(loss.detach().clone()).item() / (dist.get_world_size() if dist.is_initialized() else 1)
     out = {**stats, "loss": global_loss, "grad_norm": grad_norm, "lr": engine.get_lr()[0]}
-    if _all_reduce(bad_ratio).item() > 0 or not math.isfinite(grad_norm):
+    if all_reduce(bad_ratio).item() > 0 or not math.isfinite(grad_norm):
         out["skipped"] = "grad_norm"
     return out

@@ -21,3 +21,17 @@ def poison(monkeypatch):
     def nan_empty(shape, dtype, device):
         return real(shape, dtype, device).fill_(float("nan"))
     monkeypatch.setattr(sl, "empty_out", nan_empty)
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """The `demo` preset trained once per session (PRDP, ~3 minutes on 2 cores) -> its output dir."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    out = tmp_path_factory.mktemp("demo")
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-m", "prdp_ds.train", "--output-dir", str(out)], cwd=repo,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out

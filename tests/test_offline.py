@@ -1,0 +1,47 @@
+"""Offline mode: a dataset sampled once from the reference, resumable, refused when settings change."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_train import SMALL, TIMING, metrics, run
+
+OFFLINE = [*SMALL, "--set", "algo.online=false", "--set", "train.epochs=3"]
+
+
+@pytest.mark.slow
+def test_offline_dataset_is_the_references_rollouts_and_training_takes_the_online_steps(tmp_path):
+    out = tmp_path / "run"
+    run(["--output-dir", str(out), *OFFLINE])
+    data = out / "offline"
+    files = sorted(data.glob("epoch_*_rank0.safetensors"))
+    assert [f.name for f in files] == [f"epoch_{e:04d}_rank0.safetensors" for e in range(3)]
+    first = load_file(str(files[0]))
+    assert "eps_ref" not in first and torch.equal(first["log_ratio_old"], torch.zeros_like(first["log_ratio_old"]))
+    rows = metrics(out)
+    assert [r["steps_applied"] for r in rows] == [2, 2, 2]
+    online = tmp_path / "online"
+    run(["--output-dir", str(online), *SMALL, "--set", "train.epochs=1"])
+    # epoch 0 of both is sampled from theta = ref with the same prompts and seeds: the same rewards
+    assert metrics(online)[0]["reward_mean"] == rows[0]["reward_mean"]
+    assert rows[1]["kl"] != 0.0  # pass 1 ran at theta != ref
+
+
+@pytest.mark.slow
+def test_an_interrupted_dataset_is_completed_and_a_changed_one_refused(tmp_path):
+    data = tmp_path / "data"
+    common = [*OFFLINE, "--set", f"algo.offline_dir={data}"]
+    run(["--output-dir", str(tmp_path / "a"), *common])
+    kept = (data / "epoch_0001_rank0.safetensors").read_bytes()
+    (data / "epoch_0001_rank0.safetensors").unlink()
+    (data / "epoch_0002_rank0.safetensors.tmp").write_bytes(b"half written")
+    before = {f.name: f.stat().st_mtime_ns for f in data.glob("epoch_000[02]_rank0.safetensors")}
+    proc = run(["--output-dir", str(tmp_path / "b"), *common])
+    assert "offline dataset" in proc.stderr  # the progress bar of the one missing rollout
+    assert (data / "epoch_0001_rank0.safetensors").read_bytes() == kept
+    assert {f.name: f.stat().st_mtime_ns for f in data.glob("epoch_000[02]_rank0.safetensors")} == before
+    untimed = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]  # noqa: E731
+    assert untimed(metrics(tmp_path / "a")) == untimed(metrics(tmp_path / "b"))
+    proc = run(["--output-dir", str(tmp_path / "c"), *common, "--set", "sampler.guidance_scale=3.0"], check=False)
+    assert proc.returncode != 0 and "sampler.guidance_scale: 5.0 there, 3.0 now" in proc.stderr
+    assert json.loads((data / "meta.json").read_text())["sampler.guidance_scale"] == 5.0
