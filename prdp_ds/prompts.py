@@ -6,7 +6,8 @@ DDPO / PRDP's small-scale experiments, and other modules may add their own with
 .jsonl (one object per line, the prompt under `field`), .json (a list of strings, a list of objects
 with `field`, or an object with such a list under "prompts"), .csv (a header row; the column named
 `field`) and .parquet (the column `field`; needs pyarrow). HPDv2's train json holds objects with
-"prompt", Pick-a-Pic's parquet a "caption" column.
+"prompt", Pick-a-Pic's parquet a "caption" column. A folder reads every file of a supported type in
+it, in name order (e.g. Pick-a-Pic's parquet shards, of which only the `field` column is read).
 
 Loading never fails mid-run: every problem is found at start. Each entry is stripped; empty entries
 and entries that are not strings (null, numbers, objects lacking the field) are skipped and counted;
@@ -197,12 +198,13 @@ def load_prompts(source, template="{}", field="prompt", dedupe=True, over_length
     if source in PROMPT_SETS:
         entries = list(PROMPT_SETS[source]())
     else:
-        path, reader = Path(source), READERS.get(Path(source).suffix.lower())
-        if not path.is_file() or reader is None:
+        path = Path(source)
+        files = sorted(f for f in path.iterdir() if f.suffix.lower() in READERS) if path.is_dir() else [path]
+        if not files or not all(f.is_file() and f.suffix.lower() in READERS for f in files):
             raise ValueError(f"prompts.source={source!r} is neither a named prompt set "
                              f"({', '.join(prompt_set_names())}) nor an existing prompt file of a supported type "
-                             f"({', '.join(READERS)})")
-        entries = reader(path, field)
+                             f"({', '.join(READERS)}) or a folder holding such files")
+        entries = [e for f in files for e in READERS[f.suffix.lower()](f, field)]
     counts = dict.fromkeys(("read", "empty", "invalid", "duplicates", "over_length", "dropped", "kept"), 0)
     counts["read"], seen, kept = len(entries), set(), []
     for entry in entries:

@@ -289,3 +289,13 @@ def test_sampler_matches_the_documented_stream(num, n):
     for e in range(5):
         want = perm(e // k)[(e % k) * n:(e % k + 1) * n] if k else sum((perm(e * m + j) for j in range(m)), [])[:n]
         assert s.indices(e) == want
+
+
+def test_a_folder_reads_its_shards_in_name_order(tmp_path):
+    shards = tmp_path / "pickapic"
+    shards.mkdir()
+    pq.write_table(pa.table({"caption": ["b cat", "a dog"]}), shards / "train-00001.parquet")
+    pq.write_table(pa.table({"caption": ["c owl", "b cat"]}), shards / "train-00000.parquet")
+    (shards / "README.md").write_text("not a prompt file")
+    ps = load_prompts(shards, field="caption")
+    assert list(ps) == ["c owl", "b cat", "a dog"] and ps.counts["duplicates"] == 1
