@@ -4,10 +4,9 @@ import copy
 import numpy as np
 import pytest
 import torch
-from test_twopass import B, G, T, W, _cfg, _engine, _rel, rollout, world  # noqa: F401  (fixtures)
+from test_twopass import B, G, _cfg, _engine, _rel, full_graph_log_ratios, rollout, world  # noqa: F401  (fixtures)
 
 from prdp_ds.ddpo import PerPromptStatTracker, advantages, batch_advantages, ddpo_step, ppo_loss
-from prdp_ds.logratio import guided_eps, step_log_ratio
 
 
 class DDPOTracker:
@@ -76,19 +75,7 @@ def test_advantages_are_clipped_and_nan_rewards_leave_the_tracker_untouched(roll
 
 def full_graph_ddpo_grad(unet, models, traj, adv, cfg):
     """DDPO's loss through every UNet call of every image in one graph, one backward."""
-    unet.zero_grad(set_to_none=True)
-    s = traj.schedule
-    cond = models.encode_prompts(traj.flat_prompts)
-    uncond = models.encode_prompts([""]).expand(G * B, -1, -1)
-    lat = traj.flat("latents")
-    D = lat[0, 0].numel()
-    ratios = []
-    for k in range(T):
-        x = lat[:, k]
-        out = unet(torch.cat([x, x]), s.timesteps[k].expand(2 * G * B), torch.cat([uncond, cond])).sample
-        eps = guided_eps(out[:G * B], out[G * B:], W)
-        ratios.append(step_log_ratio(eps, traj.flat("eps_old")[:, k], x, lat[:, k + 1], s.a[k], s.b[k], s.sigma[k]) / D)
-    r = torch.stack(ratios, dim=1)
+    r = full_graph_log_ratios(unet, models, traj, against="eps_old") / traj.latents[0, 0, 0].numel()
     ppo_loss(r, adv.reshape(-1, 1), cfg.ddpo.clip_range).mean().backward()
     return torch.cat([p.grad.flatten() for p in unet.parameters()])
 

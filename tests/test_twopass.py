@@ -58,8 +58,8 @@ def _cfg(steps_per_chunk, images_per_chunk, clip_range):
     return cfg
 
 
-def full_graph_grad(unet, models, traj, rewards, cfg):
-    """Autograd through all T UNet calls of every image, the loss of SPEC §4, one backward."""
+def full_graph_log_ratios(unet, models, traj, against="eps_ref"):
+    """log pi_theta - log pi_{against} (G * B, T), with grad through all T UNet calls of every image."""
     unet.zero_grad(set_to_none=True)
     s = traj.schedule
     cond = models.encode_prompts(traj.flat_prompts)
@@ -70,8 +70,13 @@ def full_graph_grad(unet, models, traj, rewards, cfg):
         x = lat[:, k]
         out = unet(torch.cat([x, x]), s.timesteps[k].expand(2 * G * B), torch.cat([uncond, cond])).sample
         eps = guided_eps(out[:G * B], out[G * B:], W)
-        ratios.append(step_log_ratio(eps, traj.flat("eps_ref")[:, k], x, lat[:, k + 1], s.a[k], s.b[k], s.sigma[k]))
-    r = torch.stack(ratios, dim=1).reshape(G, B, T)
+        ratios.append(step_log_ratio(eps, traj.flat(against)[:, k], x, lat[:, k + 1], s.a[k], s.b[k], s.sigma[k]))
+    return torch.stack(ratios, dim=1)
+
+
+def full_graph_grad(unet, models, traj, rewards, cfg):
+    """Autograd through all T UNet calls of every image, the loss of SPEC §4, one backward."""
+    r = full_graph_log_ratios(unet, models, traj).reshape(G, B, T)
     rdp_loss(r, traj.log_ratio_old, rewards, cfg.loss.clip_range, cfg.loss.kl_weight).backward()
     return torch.cat([p.grad.flatten() for p in unet.parameters()])
 
