@@ -1,9 +1,15 @@
 """Checkpoints: complete or absent.
 
 Layout: OUTPUT_DIR/checkpoints/epoch_XXXX[_stepK]/ holding
-  engine/               DeepSpeed engine state of every rank (weights, optimizer, ZeRO partitions)
-  unet/                 the policy UNet in diffusers format (safetensors), loadable by
-                        StableDiffusionPipeline.from_pretrained(..., unet=UNet2DConditionModel.from_pretrained(...))
+  engine/               DeepSpeed engine state of every rank (weights, optimizer, ZeRO partitions):
+                        the full training state, with or without LoRA
+  unet/                 full finetuning: the policy UNet in diffusers format (safetensors), loadable by
+                        StableDiffusionPipeline.from_pretrained(..., unet=UNet2DConditionModel.from_pretrained(...));
+                        with LoRA: only when output.save_merged_unet, the UNet with the adapters merged
+                        (a plain UNet2DConditionModel, same loading)
+  unet_lora/            with LoRA (model.lora_rank > 0): the adapter in diffusers' LoRA format
+                        (pytorch_lora_weights.safetensors), loadable by pipe.load_lora_weights(unet_lora_dir)
+                        or prdp_ds.lora.load_adapter
   config.yaml           the resolved training config
   trainer_state.json    epoch, optimizer steps taken within it, counters (written last)
   rollout_rankR.safetensors  only for a mid-epoch (SIGTERM) checkpoint: that rank's trajectories
@@ -35,6 +41,19 @@ def checkpoint_name(epoch, step_in_epoch, steps_per_epoch):
     return f"epoch_{epoch:04d}" if step_in_epoch >= steps_per_epoch else f"epoch_{epoch:04d}_step{step_in_epoch}"
 
 
+def save_unet(unet, directory, save_merged_unet=False):
+    """The policy in user-facing formats under `directory`: unet/ (full finetuning), or unet_lora/ and,
+    if save_merged_unet, unet/ merged (LoRA). Needs the full parameters (gathered under ZeRO-3)."""
+    from prdp_ds.lora import has_lora, merged_unet, save_adapter
+    directory = Path(directory)
+    if not has_lora(unet):
+        unet.save_pretrained(str(directory / "unet"), safe_serialization=True)
+        return
+    save_adapter(unet, directory / "unet_lora")
+    if save_merged_unet:
+        merged_unet(unet).save_pretrained(str(directory / "unet"), safe_serialization=True)
+
+
 def save_checkpoint(engine, cfg, output_dir, state, rank, rollout=None):
     """Collective: every rank calls it. state: JSON-able dict with 'epoch' and 'step_in_epoch'.
     rollout: (Trajectories, rewards (G, B)) of this rank for a mid-epoch checkpoint."""
@@ -54,7 +73,7 @@ def save_checkpoint(engine, cfg, output_dir, state, rank, rollout=None):
                   metadata={"prompts": json.dumps(traj.prompts)})
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
         if rank == 0:
-            engine.module.save_pretrained(str(tmp / "unet"), safe_serialization=True)
+            save_unet(engine.module, tmp, cfg.output.save_merged_unet)
     _barrier()
     if rank == 0:
         (tmp / "config.yaml").write_text(config_lib.dump(cfg))

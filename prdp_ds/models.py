@@ -2,6 +2,8 @@
 `tiny` family built from small configs with seeded random weights for tests and the CPU demo.
 
 Frozen parts (reference UNet, VAE, text encoder) carry no grad; the policy UNet is trainable.
+With LoRA (`Models.add_lora`, prdp_ds/lora.py) only the adapters are trainable and the reference
+is a view of the policy UNet with its adapters disabled, not a second copy.
 Weights load through safetensors only (`use_safetensors=True`): never an arbitrary pickle.
 """
 import copy
@@ -31,6 +33,10 @@ class OpenClipTokenizer:
     def __call__(self, prompts):
         return self._tok(list(prompts), context_length=self.context_length)
 
+    def lengths(self, prompts):
+        """Untruncated token counts, start and end tokens included."""
+        return [len(self._tok.encode(p)) + 2 for p in prompts]
+
 
 class HFTokenizer:
     """A transformers CLIPTokenizer padded to its max length: prompts -> (n, 77) ids."""
@@ -38,15 +44,23 @@ class HFTokenizer:
     def __init__(self, tokenizer):
         self._tok = tokenizer
 
+    @property
+    def context_length(self):
+        return self._tok.model_max_length
+
     def __call__(self, prompts):
         return self._tok(list(prompts), padding="max_length", truncation=True,
                          max_length=self._tok.model_max_length, return_tensors="pt").input_ids
+
+    def lengths(self, prompts):
+        """Untruncated token counts, start and end tokens included."""
+        return [len(ids) for ids in self._tok(list(prompts)).input_ids]
 
 
 @dataclass
 class Models:
     unet: torch.nn.Module          # the policy, trainable
-    ref_unet: torch.nn.Module      # frozen copy of the initial UNet (pi_ref)
+    ref_unet: torch.nn.Module      # frozen copy of the initial UNet (pi_ref), or with LoRA an AdaptersDisabled view
     vae: torch.nn.Module           # frozen
     text_encoder: torch.nn.Module  # frozen
     tokenizer: object              # prompts -> (n, L) token ids
@@ -66,10 +80,30 @@ class Models:
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
     def to(self, device, frozen_dtype=None):
-        """Move everything to `device`; frozen parts optionally cast to `frozen_dtype` (bf16 on GPU)."""
+        """Move everything to `device`; frozen parts optionally cast to `frozen_dtype` (bf16 on GPU).
+        A LoRA reference view is the policy UNet itself: it moves with it and is never cast here
+        (the policy's dtype, frozen base weights included, is DeepSpeed's business)."""
+        from prdp_ds.lora import AdaptersDisabled
         self.unet.to(device)
         for m in (self.ref_unet, self.vae, self.text_encoder):
-            m.to(device=device, dtype=frozen_dtype or next(m.parameters()).dtype)
+            if not isinstance(m, AdaptersDisabled):
+                m.to(device=device, dtype=frozen_dtype or next(m.parameters()).dtype)
+        return self
+
+    @property
+    def uses_lora(self):
+        from prdp_ds.lora import has_lora
+        return has_lora(self.unet)
+
+    def add_lora(self, rank, alpha=0.0):
+        """Train LoRA adapters instead of the UNet (model.lora_rank / model.lora_alpha): adds them to the
+        policy, freezes its base weights and makes the reference the same UNet with adapters disabled
+        (the reference copy is dropped). Call before the UNet is wrapped in a DeepSpeed engine."""
+        from prdp_ds.lora import AdaptersDisabled, add_lora
+        if hasattr(self.unet, "module"):
+            raise RuntimeError("Models.add_lora must be called before the UNet is wrapped in a DeepSpeed engine")
+        add_lora(self.unet, rank, alpha)
+        self.ref_unet = AdaptersDisabled(self.unet)
         return self
 
 

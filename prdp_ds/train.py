@@ -105,8 +105,10 @@ class Trainer:
         self.reward_fn = build_reward(cfg.reward, device)        # fails here, before any sampling
         self.ds_config = build_ds_config(ds_json, cfg, world)
         self.models = load_models(cfg.model.pretrained, cfg.model.seed)
-        p = cfg.prompts
-        self.prompts = load_prompts(p.source, p.template, p.field, p.dedupe, p.over_length)
+        if cfg.model.lora_rank != 0:  # adapters only; the reference is the same UNet with them disabled
+            self.models.add_lora(cfg.model.lora_rank, cfg.model.lora_alpha)
+        p, tok = cfg.prompts, self.models.tokenizer
+        self.prompts = load_prompts(p.source, p.template, p.field, p.dedupe, p.over_length, tok.lengths, tok.context_length)
         self.prompt_sampler = PromptSampler.for_set(self.prompts, cfg.train.prompts_per_epoch, cfg.train.seed)
         on_gpu = device.type == "cuda"
         # frozen parts in the policy's compute dtype: at theta = ref both round alike and r = 0 exactly
@@ -116,7 +118,8 @@ class Trainer:
             self.models.unet.enable_gradient_checkpointing()
         offload = self.ds_config["zero_optimization"].get("offload_optimizer", {}).get("device") == "cpu"
         unet = self.models.unet
-        self.engine = make_engine(unet, self.ds_config, make_optimizer(unet.parameters(), cfg, on_gpu and not offload))
+        trainable = [q for q in unet.parameters() if q.requires_grad]
+        self.engine = make_engine(unet, self.ds_config, make_optimizer(trainable, cfg, on_gpu and not offload))
         self.models.unet = self.engine                             # the policy is called through the engine
         self.impl = resolve_impl(cfg.loss.impl, device)
         self.schedule = step_schedule(self.models.scheduler, cfg.sampler.num_steps, cfg.sampler.eta).to(device)

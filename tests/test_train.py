@@ -219,3 +219,15 @@ def test_ddpo_resume_restores_the_per_prompt_statistics(tmp_path):
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
     proc = run(["--output-dir", str(split), "--set", "train.epochs=4", "--resume", "latest", *SMALL], check=False)
     assert proc.returncode != 0 and "algo.name='ddpo'" in proc.stderr
+
+
+@pytest.mark.slow
+def test_lora_run_starts_at_the_reference_and_saves_only_adapters(tmp_path):
+    out = tmp_path / "lora"
+    run(["--output-dir", str(out), *SMALL, "--set", "train.epochs=2", "--set", "model.lora_rank=2",
+         "--set", "train.lr=0.01", "--set", "train.steps_per_epoch=1"])  # later --set wins: K = 1
+    rows = metrics(out)
+    assert rows[0]["kl"] == 0.0 and rows[0]["clip_frac"] == 0.0  # step 1 of epoch 0: theta = ref exactly
+    assert rows[1]["kl"] != 0.0  # the adapters moved
+    ckpt = out / "checkpoints" / "epoch_0001"
+    assert (ckpt / "unet_lora" / "pytorch_lora_weights.safetensors").is_file() and not (ckpt / "unet").exists()

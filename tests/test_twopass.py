@@ -41,9 +41,10 @@ def world():
 @pytest.fixture(scope="module")
 def rollout():
     models = build_tiny(0)
+    gen = torch.Generator().manual_seed(2)  # seeded: no r lands at a clip edge, where the loss has a kink
     with torch.no_grad():  # a policy that already moved away from the reference
         for p in models.unet.parameters():
-            p.add_(0.02 * torch.randn_like(p))
+            p.add_(0.02 * torch.randn(p.shape, generator=gen))
     traj = sample(models, ["a cat", "a red fox"], image_seeds(0, 0, [0, 1], B), T, W)
     rewards = torch.tensor([[0.30, 0.10, 0.20], [0.05, 0.25, 0.15]])
     return models, traj, rewards

@@ -1,0 +1,125 @@
+"""The world's base text-to-image model: a tiny pixel-space UNet2DConditionModel (3x32x32), a tiny
+CLIPTextModel, the offline CLIP BPE tokenizer and a DDIM scheduler, packaged as prdp_ds.models.Models.
+
+There is no latent space: the "latents" are the images in [-1, 1] and the VAE is the identity
+(`PixelVAE`), so Models.decode maps them to [0, 1] as for Stable Diffusion.
+
+Weights (from `python -m prdp_ds.world.pretrain`) live in prdp_ds/world/weights as safetensors
+(stored in fp16 to keep the folder small, loaded as fp32); `build_world_models()` loads them when
+present, `build_world_models(weights=False)` gives seeded random weights.
+"""
+import copy
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from prdp_ds.models import SD14_SCHEDULER, ModelLoadError, Models, OpenClipTokenizer, _freeze, make_scheduler
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+CONTEXT_LENGTH = 24
+TEXT_DIM = 32
+# DDPM's linear schedule (beta 1e-4 .. 0.02, the usual one for 32x32 pixel diffusion): its last
+# step has alpha_bar ~ 4e-5, where SD v1.4's scaled-linear schedule (made for 64x64 latents) keeps
+# alpha_bar = 0.0047 and so leaks the image's mean colour into x_T. The DDIM/PRDP settings are SD's.
+SCHEDULER = {**SD14_SCHEDULER, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}
+UNET = dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(32, 64, 64), layers_per_block=1,
+            # cross-attention (text) at 8x8 and in the mid block only: ~1.5x cheaper than also at 16x16
+            down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+            cross_attention_dim=TEXT_DIM, attention_head_dim=8, norm_num_groups=8)
+TEXT = dict(vocab_size=49408, hidden_size=TEXT_DIM, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=CONTEXT_LENGTH)
+
+
+class PixelVAE(torch.nn.Module):
+    """Identity 'VAE' for pixel-space diffusion: decode(x).sample is x. Holds one frozen dummy
+    parameter so that next(vae.parameters()) gives a device and dtype."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(()), requires_grad=False)
+        self.config = SimpleNamespace(scaling_factor=1.0)
+
+    def decode(self, x):
+        return SimpleNamespace(sample=x)
+
+    def encode(self, images):
+        """[0, 1] images -> [-1, 1] 'latents'."""
+        return images * 2 - 1
+
+
+def new_unet():
+    return UNet2DConditionModel(**UNET)
+
+
+def new_text_encoder():
+    from transformers import CLIPTextConfig, CLIPTextModel
+    return CLIPTextModel(CLIPTextConfig(**TEXT))
+
+
+def new_parts(seed=0):
+    """(unet, text_encoder) with seeded random weights."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return new_unet(), new_text_encoder()
+
+
+def save_parts(out, unet, text_encoder):
+    """Write unet.safetensors and text_encoder.safetensors (fp16) into `out`."""
+    from safetensors.torch import save_file
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, module in (("unet", unet), ("text_encoder", text_encoder)):
+        state = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in module.state_dict().items()
+                 if v.is_floating_point()}
+        save_file(state, str(out / f"{name}.safetensors"), metadata={"format": "pt", "stored_dtype": "float16"})
+
+
+def load_parts(weights):
+    """(unet, text_encoder) fp32 from a weights folder (safetensors only)."""
+    from safetensors.torch import load_file
+    weights = Path(weights)
+    unet, text_encoder = new_parts(0)
+    for name, module in (("unet", unet), ("text_encoder", text_encoder)):
+        path = weights / f"{name}.safetensors"
+        if not path.is_file():
+            raise ModelLoadError(f"world model: {path} not found; train it with "
+                                 f"`python -m prdp_ds.world.pretrain --out {weights}`")
+        state = {k: v.float() for k, v in load_file(str(path)).items()}
+        missing, unexpected = module.load_state_dict(state, strict=False)
+        missing = [k for k in missing if "position_ids" not in k]
+        if missing or unexpected:
+            raise ModelLoadError(f"world model: {path} does not match the model config "
+                                 f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    return unet, text_encoder
+
+
+def build_world_models(weights=None, seed=0):
+    """prdp_ds.models.Models for the world.
+
+    weights: a folder with unet/text_encoder safetensors; None -> the shipped prdp_ds/world/weights;
+    False -> seeded random weights (seed)."""
+    if weights is False:
+        unet, text_encoder = new_parts(seed)
+    else:
+        unet, text_encoder = load_parts(WEIGHTS_DIR if weights is None else weights)
+    unet.train()
+    return Models(unet=unet, ref_unet=_freeze(copy.deepcopy(unet)), vae=_freeze(PixelVAE()),
+                  text_encoder=_freeze(text_encoder), tokenizer=OpenClipTokenizer(CONTEXT_LENGTH),
+                  scheduler=make_scheduler(SCHEDULER))
+
+
+def config_dict():
+    return {"unet": UNET, "text_encoder": TEXT, "context_length": CONTEXT_LENGTH, "scheduler": SCHEDULER}
+
+
+def count_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+if __name__ == "__main__":
+    u, t = new_parts()
+    print(json.dumps({"unet_params": count_params(u), "text_params": count_params(t)}))

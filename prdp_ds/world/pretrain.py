@@ -1,0 +1,177 @@
+"""Pretrain the world's base model (UNet + text encoder jointly) on freshly generated scenes.
+
+    python -m prdp_ds.world.pretrain --out prdp_ds/world/weights --minutes 25 --seed 0
+
+Standard epsilon-prediction diffusion loss on [-1, 1] images, classifier-free guidance dropout
+(an empty caption 10% of the time), AdamW with warmup and a cosine decay over the budget (minutes or
+steps), EMA weights (saved). Writes unet/text_encoder safetensors (fp16), training.json (command,
+seed, steps, losses, date, machine), README.md and loss.png into --out.
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from prdp_ds.world import scenes
+from prdp_ds.world.model import (CONTEXT_LENGTH, SCHEDULER, config_dict, count_params, make_scheduler, new_parts,
+                                 save_parts)
+from prdp_ds.models import OpenClipTokenizer
+
+
+def lr_at(progress, step, base_lr, warmup):
+    return base_lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def train(out=None, minutes=None, steps=None, seed=0, batch_size=32, lr=1e-3, warmup=50, ema_decay=0.999,
+          cfg_dropout=0.1, log_every=50, progress=True, command=None):
+    """Train; returns a dict with the per-step losses and the (EMA) unet and text encoder.
+    Stops at `steps` or after `minutes` of wall time, whichever comes first (at least one is needed)."""
+    if minutes is None and steps is None:
+        raise ValueError("pretrain: give --minutes or --steps")
+    torch.manual_seed(seed)
+    unet, text_encoder = new_parts(seed)
+    ema = [new_parts(seed)[0], new_parts(seed)[1]]
+    for e, m in zip(ema, (unet, text_encoder)):
+        e.load_state_dict(m.state_dict())
+        e.requires_grad_(False)
+    unet.train()
+    text_encoder.train()
+    tokenizer = OpenClipTokenizer(CONTEXT_LENGTH)
+    abar = make_scheduler(SCHEDULER).alphas_cumprod.float()
+    T = abar.shape[0]
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    g = torch.Generator().manual_seed(seed + 1)
+    losses, lrs = [], []
+    budget_s = None if minutes is None else minutes * 60
+    start = time.time()
+    bar = tqdm(total=steps, desc="pretrain", disable=not progress, dynamic_ncols=True, mininterval=5)
+    step = 0
+    while True:
+        elapsed = time.time() - start
+        if (steps is not None and step >= steps) or (budget_s is not None and elapsed >= budget_s):
+            break
+        frac = max(step / steps if steps else 0.0, elapsed / budget_s if budget_s else 0.0)
+        cur_lr = lr_at(frac, step, lr, warmup)
+        for group in opt.param_groups:
+            group["lr"] = cur_lr
+        labels = scenes.sample_scenes(batch_size, seed=(seed * 1_000_003 + step) % 2**62)
+        images, _ = scenes.render(labels)
+        caps = scenes.captions(labels, seed=[seed, step])
+        drop = torch.rand(batch_size, generator=g) < cfg_dropout
+        caps = ["" if d else c for c, d in zip(caps, drop.tolist())]
+        x0 = images * 2 - 1
+        t = torch.randint(0, T, (batch_size,), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        a = abar[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        emb = text_encoder(tokenizer(caps))[0]
+        pred = unet(xt, t, emb).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, m in zip(ema, (unet, text_encoder)):
+                for pe, pm in zip(e.parameters(), m.parameters()):
+                    pe.lerp_(pm, 1 - decay)
+        losses.append(loss.item())
+        lrs.append(cur_lr)
+        step += 1
+        bar.update(1)
+        if step % log_every == 0:
+            recent = sum(losses[-log_every:]) / log_every
+            bar.set_postfix(loss=f"{recent:.4f}", lr=f"{cur_lr:.2e}")
+            if not progress:
+                print(f"step {step} loss {recent:.4f} elapsed {time.time() - start:.0f}s", flush=True)
+    bar.close()
+    wall = time.time() - start
+    result = dict(losses=losses, lrs=lrs, steps=step, wall_s=wall, unet=ema[0], text_encoder=ema[1])
+    if out is not None:
+        write_outputs(out, result, dict(seed=seed, batch_size=batch_size, lr=lr, warmup=warmup, ema_decay=ema_decay,
+                                        cfg_dropout=cfg_dropout, minutes=minutes, max_steps=steps), command)
+    return result
+
+
+def smooth(values, window):
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def write_outputs(out, result, settings, command):
+    out = Path(out)
+    save_parts(out, result["unet"], result["text_encoder"])
+    losses = result["losses"]
+    tail = losses[-min(200, len(losses)):]
+    record = dict(
+        command=command or "python -m prdp_ds.world.pretrain " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        settings=settings, steps=result["steps"], wall_s=round(result["wall_s"], 1),
+        final_loss_mean_last_200=sum(tail) / len(tail), first_loss=losses[0],
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        machine=dict(node=platform.node(), platform=platform.platform(), processor=platform.processor(),
+                     cpu_count=os.cpu_count(), torch=torch.__version__, torch_threads=torch.get_num_threads()),
+        params=dict(unet=count_params(result["unet"]), text_encoder=count_params(result["text_encoder"])),
+        config=config_dict(), weights="EMA weights, stored as fp16 safetensors", losses=[round(x, 5) for x in losses])
+    (out / "training.json").write_text(json.dumps(record, indent=1))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(losses, lw=0.5, alpha=0.35, label="per step")
+        ax.plot(smooth(losses, 50), lw=1.5, label="mean of 50")
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel("epsilon MSE")
+        ax.set_title(f"world pretraining: {result['steps']} steps, {result['wall_s'] / 60:.1f} min")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "loss.png", dpi=100)
+        plt.close(fig)
+    except ImportError:
+        pass
+    return record
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--minutes", type=float)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (1 is fastest on a shared 2-core machine: spin-waiting threads contend)")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.minutes is None and args.steps is None:
+        p.error("give --minutes or --steps")
+    result = train(args.out, args.minutes, args.steps, args.seed, args.batch_size, args.lr, args.warmup,
+                   progress=not args.no_progress)
+    tail = result["losses"][-min(200, len(result["losses"])):]
+    print(f"done: {result['steps']} steps in {result['wall_s'] / 60:.1f} min, final loss {sum(tail) / len(tail):.4f}; "
+          f"weights in {args.out}")
+
+
+if __name__ == "__main__":
+    main()
