@@ -19,6 +19,8 @@ setup(
         "transformers>=4.44",
         "triton>=3.0",
         "open_clip_torch>=2.24",
+        "peft>=0.17",
+        "pyarrow",
         "pyyaml",
         "safetensors",
         "tqdm",

@@ -21,15 +21,10 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from prdp_ds import config as config_lib
-from prdp_ds.sampler import Trajectories
-
-ROLLOUT_FIELDS = ("latents", "eps_old", "eps_ref", "log_ratio_old", "images", "seeds")
+from prdp_ds.sampler import load_rollout, save_rollout
 
 
 def _barrier():
@@ -67,10 +62,7 @@ def save_checkpoint(engine, cfg, output_dir, state, rank, rollout=None):
     _barrier()
     engine.save_checkpoint(str(tmp / "engine"), tag="state")
     if rollout is not None:
-        traj, rewards = rollout
-        tensors = {f: getattr(traj, f).contiguous().cpu() for f in ROLLOUT_FIELDS}
-        save_file({**tensors, "rewards": rewards.contiguous().cpu()}, str(tmp / f"rollout_rank{rank}.safetensors"),
-                  metadata={"prompts": json.dumps(traj.prompts)})
+        save_rollout(tmp / f"rollout_rank{rank}.safetensors", *rollout)
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
         if rank == 0:
             save_unet(engine.module, tmp, cfg.output.save_merged_unet)
@@ -117,8 +109,4 @@ def load_checkpoint(engine, path, rank, schedule, device):
     rollout_file = path / f"rollout_rank{rank}.safetensors"
     if not rollout_file.is_file():
         return state, None
-    with safe_open(str(rollout_file), "pt", device=str(device)) as f:
-        prompts = json.loads(f.metadata()["prompts"])
-        tensors = {name: f.get_tensor(name) for name in (*ROLLOUT_FIELDS, "rewards")}
-    traj = Trajectories(prompts=prompts, schedule=schedule, **{name: tensors[name] for name in ROLLOUT_FIELDS})
-    return state, (traj, tensors["rewards"])
+    return state, load_rollout(rollout_file, schedule, device)

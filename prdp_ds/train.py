@@ -12,7 +12,6 @@ score them, then K optimizer steps, each exact over whole trajectories (prdp_ds.
 import dataclasses
 import argparse
 import json
-import math
 import signal
 import sys
 import time
