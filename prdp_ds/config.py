@@ -15,7 +15,7 @@ import yaml
 
 @dataclass
 class ModelConfig:
-    pretrained: str = "tiny"              # 'tiny' (random-weight test models) or a local diffusers SD v1.x folder
+    pretrained: str = "tiny"              # 'tiny' (random-weight test models), 'world' (the pretrained synthetic world) or a local diffusers SD v1.x folder
     seed: int = 0                         # seed of the tiny models' random weights
     gradient_checkpointing: bool = False  # UNet activation checkpointing in pass 2 (use_reentrant=False)
     lora_rank: int = 0                    # 0: finetune the full UNet; > 0: train only LoRA adapters of this rank (peft)

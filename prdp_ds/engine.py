@@ -11,6 +11,7 @@ import json
 import math
 import os
 import socket
+import sys
 
 import torch
 
@@ -37,6 +38,22 @@ def init_distributed():
         torch.cuda.set_device(local)
         return rank, world, torch.device("cuda", local)
     return rank, world, torch.device("cpu")
+
+
+def run_on_ranks(prog, fn):
+    """init_distributed, then fn(rank, world, device); a bad config, path or weight file ends the
+    process with one line naming the rank and the problem. A process group made here is torn down
+    at the end; one the caller made is left to the caller."""
+    from prdp_ds.models import ModelLoadError
+    owned = not torch.distributed.is_initialized()
+    rank, world, device = init_distributed()
+    try:
+        return fn(rank, world, device)
+    except (ValueError, FileNotFoundError, ModelLoadError) as err:
+        sys.exit(f"{prog} (rank {rank}): {err}")
+    finally:
+        if owned and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def _free_port():

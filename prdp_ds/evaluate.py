@@ -37,7 +37,8 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from prdp_ds import config as config_lib
-from prdp_ds.engine import init_distributed
+from prdp_ds import world  # noqa: F401  registers the synthetic world's prompt sets and rewards
+from prdp_ds.engine import run_on_ranks
 from prdp_ds.models import ModelLoadError, load_models
 from prdp_ds.prompts import load_prompts
 from prdp_ds.rewards import build_reward
@@ -351,14 +352,7 @@ def main(argv=None):
         sets = load_prompt_sets(args)
     except (ValueError, ModelLoadError) as err:
         sys.exit(f"prdp_ds.evaluate: {err}")
-    rank, world, device = init_distributed()
-    try:
-        evaluate(args, models, sets, rank, world, device)
-    except (ValueError, FileNotFoundError, ModelLoadError) as err:
-        sys.exit(f"prdp_ds.evaluate (rank {rank}): {err}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    run_on_ranks("prdp_ds.evaluate", lambda rank, world, device: evaluate(args, models, sets, rank, world, device))
 
 
 if __name__ == "__main__":

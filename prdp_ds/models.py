@@ -170,5 +170,8 @@ def load_pretrained(source):
 
 
 def load_models(source, seed=0):
-    """`source` is 'tiny' or a Stable Diffusion folder / hub id."""
+    """`source` is 'tiny', 'world' (or 'world:WEIGHTS_DIR'), or a Stable Diffusion folder / hub id."""
+    if source == "world" or source.startswith("world:"):  # the pretrained synthetic world (prdp_ds/world)
+        from prdp_ds.world.model import build_world_models
+        return build_world_models(None if source == "world" else source[len("world:"):])
     return build_tiny(seed) if source == "tiny" else load_pretrained(source)

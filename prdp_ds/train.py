@@ -22,11 +22,12 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from prdp_ds import config as config_lib
+from prdp_ds import world  # noqa: F401  registers the synthetic world's prompt sets and rewards
 from prdp_ds.ddpo import PerPromptStatTracker, advantages, ddpo_step
 from prdp_ds.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from prdp_ds.engine import batch_arithmetic, build_ds_config, init_distributed, load_ds_json, make_engine, make_optimizer
+from prdp_ds.engine import batch_arithmetic, build_ds_config, load_ds_json, make_engine, make_optimizer, run_on_ranks
 from prdp_ds.metrics import RunLog, peak_memory_mb
-from prdp_ds.models import ModelLoadError, load_models
+from prdp_ds.models import load_models
 from prdp_ds.offline import OfflineDataset, dataset_meta
 from prdp_ds.prompts import PromptSampler, load_prompts, rank_slice
 from prdp_ds.rewards import NonFiniteRewardError, build_reward
@@ -306,15 +307,8 @@ def main(argv=None):
         ds_json = load_ds_json(args.config or DEFAULT_DS_CONFIG)
     except ValueError as err:
         sys.exit(f"prdp_ds.train: {err}")
-    rank, world, device = init_distributed()
-    try:
-        trainer = Trainer(cfg, ds_json, args.output_dir, rank, world, device)
-        trainer.run(args.resume)
-    except (ValueError, FileNotFoundError, ModelLoadError) as err:  # bad config, paths or weights
-        sys.exit(f"prdp_ds.train (rank {rank}): {err}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    run_on_ranks("prdp_ds.train", lambda rank, world, device:
+                 Trainer(cfg, ds_json, args.output_dir, rank, world, device).run(args.resume))
 
 
 if __name__ == "__main__":

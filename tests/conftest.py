@@ -12,6 +12,15 @@ if not torch.cuda.is_available():
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def world():
+    """One single-rank process group (gloo) for the whole session, made before any test runs: the
+    trainer and evaluate entry points called in-process leave a group they did not create in place,
+    and DeepSpeed caches its groups, so a group torn down and made again would be stale to it."""
+    from prdp_ds.engine import init_distributed
+    return init_distributed()
+
+
 @pytest.fixture
 def poison(monkeypatch):
     """Every kernel launcher output starts as NaN, so an element a kernel fails to write cannot pass."""
@@ -26,12 +35,17 @@ def poison(monkeypatch):
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
     """The `demo` preset trained once per session (PRDP, ~3 minutes on 2 cores) -> its output dir."""
+    import socket
     import subprocess
     import sys
     from pathlib import Path
     out = tmp_path_factory.mktemp("demo")
     repo = Path(__file__).resolve().parent.parent
+    with socket.socket() as s:  # not the port of a process group this pytest process may hold
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
     proc = subprocess.run([sys.executable, "-m", "prdp_ds.train", "--output-dir", str(out)], cwd=repo,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=1200)
+                          env={**os.environ, "PYTHONUNBUFFERED": "1", "MASTER_PORT": port},
+                          capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out

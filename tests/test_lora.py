@@ -17,7 +17,7 @@ from prdp_ds.loss import rdp_loss
 from prdp_ds.models import TINY, build_tiny
 from prdp_ds.sampler import image_seeds, sample
 from prdp_ds.twopass import policy_log_ratios, prdp_step
-from test_twopass import RecordingSGD, world  # noqa: F401  (fixture)
+from test_twopass import RecordingSGD
 
 W, T, G, B = 5.0, 4, 2, 3
 PROMPTS = ["a cat", "a red fox"]

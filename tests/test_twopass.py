@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from prdp_ds.config import Config
-from prdp_ds.engine import build_ds_config, init_distributed, make_engine
+from prdp_ds.engine import build_ds_config, make_engine
 from prdp_ds.logratio import guided_eps, step_log_ratio
 from prdp_ds.loss import rdp_loss
 from prdp_ds.models import build_tiny
@@ -31,11 +31,6 @@ class RecordingSGD(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 p.add_(p.grad, alpha=-lr)
-
-
-@pytest.fixture(scope="module")
-def world():
-    return init_distributed()
 
 
 @pytest.fixture(scope="module")

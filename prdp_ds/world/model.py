@@ -51,8 +51,8 @@ class PixelVAE(torch.nn.Module):
         return images * 2 - 1
 
 
-def new_unet():
-    return UNet2DConditionModel(**UNET)
+def new_unet(**overrides):
+    return UNet2DConditionModel(**{**UNET, **overrides})
 
 
 def new_text_encoder():
@@ -60,11 +60,11 @@ def new_text_encoder():
     return CLIPTextModel(CLIPTextConfig(**TEXT))
 
 
-def new_parts(seed=0):
-    """(unet, text_encoder) with seeded random weights."""
+def new_parts(seed=0, unet_overrides=None):
+    """(unet, text_encoder) with seeded random weights (unet_overrides: UNet config changes, for tests)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return new_unet(), new_text_encoder()
+        return new_unet(**(unet_overrides or {})), new_text_encoder()
 
 
 def save_parts(out, unet, text_encoder):

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from prdp_ds.world import scenes
-from prdp_ds.world.model import (CONTEXT_LENGTH, SCHEDULER, config_dict, count_params, make_scheduler, new_parts,
+from prdp_ds.world.model import (CONTEXT_LENGTH, SCHEDULER, config_dict, count_params, load_parts, make_scheduler, new_parts,
                                  save_parts)
 from prdp_ds.models import OpenClipTokenizer
 
@@ -33,14 +33,16 @@ def lr_at(progress, step, base_lr, warmup):
 
 
 def train(out=None, minutes=None, steps=None, seed=0, batch_size=32, lr=1e-3, warmup=50, ema_decay=0.999,
-          cfg_dropout=0.1, log_every=50, progress=True, command=None):
+          cfg_dropout=0.1, log_every=50, progress=True, command=None, unet_overrides=None, init=None):
     """Train; returns a dict with the per-step losses and the (EMA) unet and text encoder.
-    Stops at `steps` or after `minutes` of wall time, whichever comes first (at least one is needed)."""
+    Stops at `steps` or after `minutes` of wall time, whichever comes first (at least one is needed).
+    unet_overrides: UNet config changes (tests use a narrower UNet; the shipped model uses none).
+    init: a weights folder to continue from (its EMA weights; fresh optimizer state)."""
     if minutes is None and steps is None:
         raise ValueError("pretrain: give --minutes or --steps")
     torch.manual_seed(seed)
-    unet, text_encoder = new_parts(seed)
-    ema = [new_parts(seed)[0], new_parts(seed)[1]]
+    unet, text_encoder = new_parts(seed, unet_overrides) if init is None else load_parts(init)
+    ema = list(new_parts(seed, unet_overrides))
     for e, m in zip(ema, (unet, text_encoder)):
         e.load_state_dict(m.state_dict())
         e.requires_grad_(False)
@@ -101,7 +103,8 @@ def train(out=None, minutes=None, steps=None, seed=0, batch_size=32, lr=1e-3, wa
     result = dict(losses=losses, lrs=lrs, steps=step, wall_s=wall, unet=ema[0], text_encoder=ema[1])
     if out is not None:
         write_outputs(out, result, dict(seed=seed, batch_size=batch_size, lr=lr, warmup=warmup, ema_decay=ema_decay,
-                                        cfg_dropout=cfg_dropout, minutes=minutes, max_steps=steps), command)
+                                        cfg_dropout=cfg_dropout, minutes=minutes, max_steps=steps,
+                                        init=None if init is None else str(init)), command)
     return result
 
 
@@ -147,6 +150,8 @@ def write_outputs(out, result, settings, command):
         plt.close(fig)
     except ImportError:
         pass
+    from prdp_ds.world.report import write_readme
+    write_readme(out)
     return record
 
 
@@ -161,13 +166,14 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1 is fastest on a shared 2-core machine: spin-waiting threads contend)")
+    p.add_argument("--init", help="continue from this weights folder (fresh optimizer)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.minutes is None and args.steps is None:
         p.error("give --minutes or --steps")
     result = train(args.out, args.minutes, args.steps, args.seed, args.batch_size, args.lr, args.warmup,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, init=args.init)
     tail = result["losses"][-min(200, len(result["losses"])):]
     print(f"done: {result['steps']} steps in {result['wall_s'] / 60:.1f} min, final loss {sum(tail) / len(tail):.4f}; "
           f"weights in {args.out}")

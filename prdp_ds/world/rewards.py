@@ -2,8 +2,10 @@
 
 world_aesthetic: image only, and hackable by ignoring the prompt: a large, saturated, centred
     foreground scores highest whatever the prompt asked for. Score in [0, 1]:
-    0.4 * foreground saturation + 0.35 * min(foreground area / 0.35, 1) + 0.25 * (1 - centroid distance),
-    the foreground being the pixels far from the background colour (the median of the border pixels).
+    clean * (0.4 * foreground saturation + 0.35 * min(foreground area / 0.35, 1) + 0.25 * (1 - centroid distance)),
+    the foreground being the pixels far from the background colour (the median of the border pixels), and
+    clean = clamp(1 - max(TV - 0.08, 0) / 0.5, 0, 1) a penalty on pixel noise (TV = mean absolute
+    difference of neighbouring pixels, vertical plus horizontal; ~0.05 for a clean scene).
 world_alignment: the scene classifier's (prdp_ds/world/classifier.py) probability of each attribute
     the prompt states, averaged over the stated attributes (colour and shape always; size, position,
     background when stated). A prompt outside the world's grammar raises a CaptionParseError naming it.
@@ -35,7 +37,9 @@ def aesthetic_score(images):
     cx = (mask.sum(1) * xs).sum(1) / total
     centred = 1 - (cx**2 + cy**2).sqrt() / (0.5 * 2**0.5)
     centred = torch.where(area > 1e-4, centred, torch.zeros_like(centred))
-    return 0.4 * sat_fg + 0.35 * (area / 0.35).clamp(max=1) + 0.25 * centred
+    tv = (images[:, :, 1:] - images[:, :, :-1]).abs().mean((1, 2, 3)) + (images[..., 1:] - images[..., :-1]).abs().mean((1, 2, 3))
+    clean = (1 - (tv - 0.08).clamp(min=0) / 0.5).clamp(0, 1)        # noise is not a 'large saturated shape'
+    return clean * (0.4 * sat_fg + 0.35 * (area / 0.35).clamp(max=1) + 0.25 * centred)
 
 
 def parse_prompts(prompts):

@@ -1,0 +1,151 @@
+"""The synthetic world (prdp_ds/world): scenes, captions, prompt sets, pretraining, shipped weights, rewards."""
+import pytest
+import torch
+
+import prdp_ds.world  # noqa: F401  (registers the prompt sets and rewards)
+from prdp_ds.prompts import load_prompts
+from prdp_ds.rewards import build_reward
+from prdp_ds.world import scenes
+from prdp_ds.world.model import WEIGHTS_DIR
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: far faster than 2 contending threads on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_scenes_are_deterministic_and_in_range():
+    a, b, c = (scenes.sample_scenes(64, s) for s in (5, 5, 6))
+    ia, _ = scenes.render(a)
+    ib, _ = scenes.render(b)
+    ic, _ = scenes.render(c)
+    assert ia.shape == (64, 3, 32, 32) and torch.equal(ia, ib) and not torch.equal(ia, ic)
+    assert ia.min() >= 0 and ia.max() <= 1
+    assert scenes.captions(a, seed=1) == scenes.captions(b, seed=1)
+
+
+def test_rendered_pixels_match_labels():
+    labels = scenes.sample_scenes(512, 11, include_held_out=True)
+    images, alpha = scenes.render(labels)
+    n = images.shape[0]
+    centre = (scenes.POSITION_XY[labels["position"]] + labels["offset"]).floor().long().clamp(0, 31)
+    pix = images[torch.arange(n), :, centre[:, 1], centre[:, 0]]          # (n, 3) at the shape's centre
+    assert (pix - scenes.COLOUR_RGB[labels["colour"]]).abs().max() < 0.06
+    grey = torch.tensor(scenes.BACKGROUND_GREY)[labels["background"]]
+    corner_bg = alpha[:, 0, 0] == 0
+    assert (images[corner_bg, :, 0, 0] - grey[corner_bg, None]).abs().max() < 0.045
+    area = alpha.sum((1, 2))
+    small, large = area[labels["size"] == 0], area[labels["size"] == 1]
+    assert small.max() < large.min()
+    # held-out (colour, shape) pairs never appear in pretraining scenes
+    train = scenes.sample_scenes(4096, 3)
+    held = scenes._HELD[train["colour"], train["shape"]]
+    assert not held.any()
+
+
+def test_render_speed():
+    import time
+    start = time.perf_counter()
+    scenes.render(scenes.sample_scenes(2000, 0))
+    assert time.perf_counter() - start < 2.0  # thousands per second even on a busy CPU
+
+
+def test_prompt_sets():
+    small, large, unseen = (load_prompts(n).prompts for n in ("world_small", "world_large", "world_unseen"))
+    assert 12 <= len(small) <= 24 and len(large) >= 1000 and len(unseen) >= 12
+    assert len(set(large)) == len(large)
+    pair = lambda p: (scenes.parse_caption(p)["colour"], scenes.parse_caption(p)["shape"])  # noqa: E731
+    unseen_pairs = {pair(p) for p in unseen}
+    assert unseen_pairs == set(scenes.HELD_OUT_PAIRS)
+    assert not unseen_pairs & {pair(p) for p in large} and not unseen_pairs & {pair(p) for p in small}
+    assert not set(unseen) & set(large)
+    assert set(small) <= set(large)
+
+
+def test_caption_parse_round_trip():
+    labels = scenes.sample_scenes(200, 2)
+    for seed in (None, 7):
+        for i, cap in enumerate(scenes.captions(labels, seed=seed)):
+            parsed = scenes.parse_caption(cap)
+            for k, v in parsed.items():
+                assert scenes.ATTRIBUTES[k][int(labels[k][i])] == v
+            if seed is None:
+                assert len(parsed) == 5 and scenes.caption_from(**parsed) == cap
+    assert scenes.parse_caption("An orange circle.") == {"colour": "orange", "shape": "circle"}
+    with pytest.raises(ValueError, match="a photo of a cat"):
+        scenes.parse_caption("a photo of a cat")
+
+
+def test_pretrain_loss_falls(tmp_path):
+    from prdp_ds.world.pretrain import train
+    result = train(tmp_path, steps=20, batch_size=8, seed=0, lr=2e-3, warmup=5, progress=False,
+                   unet_overrides=dict(block_out_channels=(16, 16, 32)))  # the same loop, a narrower UNet
+    losses = result["losses"]
+    assert len(losses) == 20 and all(torch.isfinite(torch.tensor(losses)))
+    first, last = sum(losses[:6]) / 6, sum(losses[-6:]) / 6
+    print(f"pretrain loss: first 6 steps {first:.3f}, last 6 steps {last:.3f}")
+    assert last < 0.85 * first, (first, last)
+    assert {"unet.safetensors", "text_encoder.safetensors", "training.json", "loss.png"} <= {p.name for p in tmp_path.iterdir()}
+
+
+needs_weights = pytest.mark.skipif(not (WEIGHTS_DIR / "unet.safetensors").is_file(), reason="no shipped world weights")
+needs_classifier = pytest.mark.skipif(not (WEIGHTS_DIR / "classifier.safetensors").is_file(),
+                                      reason="no shipped world classifier")
+
+
+@needs_weights
+def test_shipped_weights_load_and_sample():
+    import os
+    from prdp_ds.sampler import sample
+    from prdp_ds.world.model import build_world_models
+    total = sum(os.path.getsize(WEIGHTS_DIR / f) for f in ("unet.safetensors", "text_encoder.safetensors"))
+    assert total <= 10 * 2**20
+    models = build_world_models()
+    assert models.vae.config.scaling_factor == 1.0 and next(models.vae.parameters()) is not None
+    traj = sample(models, ["a large red circle in the centre"], torch.tensor([[1, 2]]), num_steps=3, guidance_scale=3.0)
+    assert traj.images.shape == (1, 2, 3, 32, 32) and torch.isfinite(traj.images).all()
+    assert torch.isfinite(traj.log_ratio_old).all()
+    assert all(torch.equal(a, b) for a, b in zip(models.unet.state_dict().values(), models.ref_unet.state_dict().values()))
+
+
+def test_aesthetic_reward_ignores_prompt():
+    reward = build_reward({"world_aesthetic": 1.0})
+    images, _ = scenes.render(scenes.sample_scenes(8, 4))
+    total_a, _ = reward(images, ["a red circle"] * 8)
+    total_b, _ = reward(images, ["a small blue square in the top left"] * 8)
+    assert total_a.shape == (8,) and torch.equal(total_a, total_b)
+    assert ((total_a >= 0) & (total_a <= 1)).all()
+    # the hack: a large centred scene beats a small one in a corner, whatever was asked for
+    big = scenes.scenes_from_attributes([dict(colour="red", shape="square", size="large", position="centre")], jitter=False)
+    tiny = scenes.scenes_from_attributes([dict(colour="red", shape="square", size="small", position="top left")], jitter=False)
+    big_score, _ = reward(scenes.render(big)[0], ["a small red square in the top left"])
+    tiny_score, _ = reward(scenes.render(tiny)[0], ["a small red square in the top left"])
+    assert big_score > tiny_score
+
+
+@needs_classifier
+def test_alignment_reward_and_judge():
+    from prdp_ds.world.rewards import judge_accuracy
+    labels = scenes.sample_scenes(200, 123, include_held_out=True)
+    images, _ = scenes.render(labels)
+    own = scenes.captions(labels, seed=3)
+    wrong_labels = {k: v.clone() for k, v in labels.items()}
+    wrong_labels["colour"] = (labels["colour"] + 1) % len(scenes.COLOURS)
+    wrong_labels["shape"] = (labels["shape"] + 1) % len(scenes.SHAPES)
+    wrong = scenes.captions(wrong_labels, seed=3)
+    reward = build_reward({"world_alignment": 1.0})
+    right_scores, parts = reward(images, own)
+    wrong_scores, _ = reward(images, wrong)
+    assert right_scores.shape == (200,) and set(parts) == {"world_alignment"}
+    assert (right_scores > wrong_scores).float().mean() > 0.97
+    assert right_scores.mean() > 0.9
+    acc = judge_accuracy(images, own)
+    print(f"judge accuracy on ground-truth renders: {acc:.3f}")
+    assert acc > 0.9
+    assert judge_accuracy(images, wrong) < 0.1
+    with pytest.raises(ValueError, match="a photo of a cat"):
+        reward(images[:1], ["a photo of a cat"])
