@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from prdp_ds import config as config_lib
-from prdp_ds import world  # noqa: F401  registers the synthetic world's prompt sets and rewards
+import prdp_ds.world  # noqa: F401  registers the synthetic world's prompt sets and rewards
 from prdp_ds.engine import run_on_ranks
 from prdp_ds.models import ModelLoadError, load_models
 from prdp_ds.prompts import load_prompts

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from prdp_ds import config as config_lib
-from prdp_ds import world  # noqa: F401  registers the synthetic world's prompt sets and rewards
+import prdp_ds.world  # noqa: F401  registers the synthetic world's prompt sets and rewards
 from prdp_ds.ddpo import PerPromptStatTracker, advantages, ddpo_step
 from prdp_ds.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from prdp_ds.engine import batch_arithmetic, build_ds_config, load_ds_json, make_engine, make_optimizer, run_on_ranks
