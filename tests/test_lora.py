@@ -8,7 +8,6 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 from prdp_ds.checkpoint import save_checkpoint, save_unet
-from prdp_ds.config import Config
 from prdp_ds.engine import build_ds_config, make_engine
 from prdp_ds.logratio import guided_eps, step_log_ratio
 from prdp_ds.lora import (LORA_WEIGHT_NAME, AdaptersDisabled, add_lora, has_lora, load_adapter, lora_parameters,
@@ -17,9 +16,8 @@ from prdp_ds.loss import rdp_loss
 from prdp_ds.models import TINY, build_tiny
 from prdp_ds.sampler import image_seeds, sample
 from prdp_ds.twopass import policy_log_ratios, prdp_step
-from test_twopass import RecordingSGD
+from test_twopass import B, G, T, W, RecordingSGD, _cfg
 
-W, T, G, B = 5.0, 4, 2, 3
 PROMPTS = ["a cat", "a red fox"]
 REWARDS = torch.tensor([[0.30, 0.10, 0.20], [0.05, 0.25, 0.15]])
 LORAS = [(1, 0.0), (4, 3.0)]  # (rank, alpha): scale 1, and an odd alpha / rank = 0.75
@@ -49,15 +47,6 @@ def unet_inputs(n=3):
     gen = torch.Generator().manual_seed(7)
     return (torch.randn(n, 4, 8, 8, generator=gen), torch.tensor([999, 500, 21][:n]),
             torch.randn(n, TINY["context_length"], TINY["text_dim"], generator=gen))
-
-
-def _cfg(steps_per_chunk, images_per_chunk, clip_range):
-    cfg = Config()
-    cfg.sampler.num_steps, cfg.sampler.guidance_scale = T, W
-    cfg.train.steps_per_chunk, cfg.train.images_per_chunk = steps_per_chunk, images_per_chunk
-    cfg.train.prompts_per_epoch, cfg.train.images_per_prompt, cfg.train.grad_clip = G, B, 0.0
-    cfg.loss.kl_weight, cfg.loss.clip_range = 0.05, clip_range
-    return cfg
 
 
 def _engine(unet, cfg, stage=2, lr=1e-4, max_change=None):
