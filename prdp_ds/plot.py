@@ -7,7 +7,8 @@ Without a label, a run is named after its directory plus ``algo.name`` from its 
 ("run7 (prdp)"). Runs given the same label (seeds of one config) are aggregated. The figure goes
 to --out (default: comparison.png in the current directory).
 
-Default panels: reward_mean, every ``reward/<component>`` found, loss, clip_frac, kl, grad_norm;
+Default panels: reward_mean, every ``reward/<component>`` found, the sample grid's ``eval/...`` scores
+(fixed prompts and seeds, so epochs compare paired), loss, clip_frac, kl, grad_norm;
 panels no run has data for are left out, and a run lacking a key is absent from that panel.
 Bands are mean ± standard error:
   * one run under a label: the run's per-epoch value; for reward_mean the band is
@@ -111,9 +112,10 @@ def aggregate(runs, key):
 
 
 def default_metrics(all_records):
-    components = sorted({key for records in all_records for record in records.values() for key in record
-                         if key.startswith("reward/") and not key.endswith("_std")})
-    return ["reward_mean", *components, *BASE_METRICS]
+    keys = {key for records in all_records for record in records.values() for key in record if not key.endswith("_std")}
+    components = sorted(key for key in keys if key.startswith("reward/"))
+    grid = sorted(key for key in keys if key.startswith("eval/"))
+    return ["reward_mean", *components, *grid, *BASE_METRICS]
 
 
 def plot_runs(runs, out_path, metrics=None):

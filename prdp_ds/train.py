@@ -173,12 +173,20 @@ class Trainer:
         return traj, total.reshape(G, B).to(self.device), parts, time.perf_counter() - start
 
     def eval_grid(self, epoch):
+        """Sample the fixed grid (eval prompts x fixed seeds, the same every epoch), save it, and score it
+        -> {'eval/reward_mean': mean total, 'eval/<component>': mean} (paired across epochs: same noise)."""
         o = self.cfg.output
         prompts = [self.cfg.prompts.template.format(p) for p in o.eval_prompts]
         seeds = image_seeds(self.cfg.train.seed, EVAL_EPOCH, range(len(prompts)), o.eval_images)
         traj = sample(self.models, prompts, seeds, self.cfg.sampler.num_steps, self.cfg.sampler.guidance_scale,
                       self.cfg.sampler.eta, self.cfg.sampler.batch_size, with_reference=False)
         self.log.save_grid(epoch, traj.images)
+        try:
+            total, parts = self.reward_fn(traj.images.flatten(0, 1), traj.flat_prompts)
+        except NonFiniteRewardError as err:
+            self.warn(f"epoch {epoch}: the sample grid's reward: {err}")
+            return {}
+        return {"eval/reward_mean": total.mean().item(), **{f"eval/{k}": v.mean().item() for k, v in parts.items()}}
 
     def train_epoch(self, epoch, traj, rewards, parts, sample_s, first_k, preempt):
         """Optimizer steps first_k..K-1 on one rollout -> the epoch's metrics record (SystemExit on
@@ -282,14 +290,14 @@ class Trainer:
                 traj, rewards, parts, sample_s = self.rollout(epoch)
                 first_k = 0
             record = self.train_epoch(epoch, traj, rewards, parts, sample_s, first_k, preempt)
+            last = epoch == cfg.train.epochs - 1
+            if cfg.output.sample_every and (epoch % cfg.output.sample_every == 0 or last):
+                record.update(self.eval_grid(epoch))
             resumed_from = epoch if epoch == start_epoch and ckpt is not None else None
             self.log.log(record, resumed_from)
             self.log.log_prompts(epoch, _gather_prompts(traj.prompts), resumed_from)
             bar.set_postfix(reward=f"{record['reward_mean']:.4g}", loss=f"{record['loss']:.4g}")
             self.say(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-            last = epoch == cfg.train.epochs - 1
-            if cfg.output.sample_every and (epoch % cfg.output.sample_every == 0 or last):
-                self.eval_grid(epoch)
             if last or (cfg.output.save_every and (epoch + 1) % cfg.output.save_every == 0) or preempt.agreed(self.device):
                 save_checkpoint(self.engine, cfg, self.output_dir, self.state(epoch, cfg.train.steps_per_epoch), self.rank)
                 self.log.plot_rewards()

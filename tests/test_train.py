@@ -135,6 +135,10 @@ def test_demo_raises_the_reward_and_writes_its_outputs(demo_run):
     UNet2DConditionModel.from_pretrained(str(ckpt / "unet"))
     assert {"epoch", "reward_mean", "reward_std", "loss", "clip_frac", "kl", "grad_norm", "lr", "sample_s",
             "train_s", "images_per_s", "peak_mem_mb"} <= set(rows[0])
+    graded = [r for r in rows if "eval/reward_mean" in r]  # the fixed sample grid is scored when drawn
+    assert [r["epoch"] for r in graded] == [0, 3, 6, 9, 11]
+    assert all(r["eval/brightness"] == r["eval/reward_mean"] for r in graded)
+    assert graded[-1]["eval/reward_mean"] > graded[0]["eval/reward_mean"]  # same noise: a paired comparison
 
 
 @pytest.mark.slow

@@ -55,15 +55,18 @@ def test_render_speed():
 
 
 def test_prompt_sets():
-    small, large, unseen = (load_prompts(n).prompts for n in ("world_small", "world_large", "world_unseen"))
-    assert 12 <= len(small) <= 24 and len(large) >= 1000 and len(unseen) >= 12
+    small, large, seen, unseen = (load_prompts(n).prompts
+                                  for n in ("world_small", "world_large", "world_seen", "world_unseen"))
+    assert 12 <= len(small) <= 24 and len(large) >= 1000 and len(unseen) >= 12 and len(seen) == len(unseen)
     assert len(set(large)) == len(large)
     pair = lambda p: (scenes.parse_caption(p)["colour"], scenes.parse_caption(p)["shape"])  # noqa: E731
     unseen_pairs = {pair(p) for p in unseen}
     assert unseen_pairs == set(scenes.HELD_OUT_PAIRS)
     assert not unseen_pairs & {pair(p) for p in large} and not unseen_pairs & {pair(p) for p in small}
     assert not set(unseen) & set(large)
-    assert set(small) <= set(large)
+    assert set(small) <= set(large) and set(seen) <= set(large)
+    stated = lambda p: set(scenes.parse_caption(p))  # noqa: E731
+    assert all(stated(p) == stated(unseen[0]) for p in seen + unseen)  # same wording on both sides
 
 
 def test_caption_parse_round_trip():
@@ -147,5 +150,7 @@ def test_alignment_reward_and_judge():
     print(f"judge accuracy on ground-truth renders: {acc:.3f}")
     assert acc > 0.9
     assert judge_accuracy(images, wrong) < 0.1
+    judged, parts = build_reward({"world_judge": 1.0})(images, own)  # the judge as a (logged) reward
+    assert set(judged.unique().tolist()) <= {0.0, 1.0} and judged.mean().item() == pytest.approx(acc)
     with pytest.raises(ValueError, match="a photo of a cat"):
         reward(images[:1], ["a photo of a cat"])

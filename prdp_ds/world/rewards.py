@@ -9,6 +9,7 @@ world_aesthetic: image only, and hackable by ignoring the prompt: a large, satur
 world_alignment: the scene classifier's (prdp_ds/world/classifier.py) probability of each attribute
     the prompt states, averaged over the stated attributes (colour and shape always; size, position,
     background when stated). A prompt outside the world's grammar raises a CaptionParseError naming it.
+world_judge: 1 where the judge finds every stated attribute, else 0 (weight 0: logged, not optimized).
 judge_accuracy(images, prompts): the fraction of images whose predicted attributes all match what
     their prompt states.
 """
@@ -108,4 +109,15 @@ def world_alignment(device="cpu", weights=None):
     @torch.no_grad()
     def reward(images, prompts):
         return alignment_score(images.to(device), list(prompts), model).cpu()
+    return reward
+
+
+@register_reward("world_judge")
+def world_judge(device="cpu", weights=None):
+    """1.0 where the judge finds every stated attribute, else 0.0; log it with weight 0 to track accuracy."""
+    model = load_classifier(weights, device)
+
+    @torch.no_grad()
+    def reward(images, prompts):
+        return judge(images.to(device), list(prompts), model).float().cpu()
     return reward

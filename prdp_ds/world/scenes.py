@@ -11,7 +11,7 @@ torch tensors in [0, 1] (`render`), with small jitter of position, size and colo
 
 Held-out combinations: the (colour, shape) pairs in HELD_OUT_PAIRS never appear in pretraining
 scenes (`sample_scenes(..., include_held_out=False)`, the default), in `world_small` or in
-`world_large`; `world_unseen` consists only of them.
+`world_large`; `world_unseen` consists only of them (`world_seen`: 30 seen prompts in the same wording).
 """
 import itertools
 import math
@@ -181,6 +181,14 @@ def world_small_prompts():
     return out
 
 
+def world_seen_prompts():
+    """30 fully stated prompts of seen (colour, shape) pairs, two (size, position) each, in world_unseen's
+    wording: the seen half of a seen/unseen comparison (each is also a world_large prompt)."""
+    seen = [(c, s) for c in COLOURS for s in SHAPES if not is_held_out(c, s)]
+    return [caption_from(c, s, SIZES[(i + j) % 2], POSITIONS[(2 * i + 3 * j) % 5])
+            for i, (c, s) in enumerate(seen) for j in range(2)]
+
+
 def world_unseen_prompts():
     """The held-out (colour, shape) pairs x sizes x positions, fully stated, no prefix: 30 prompts."""
     return [caption_from(c, s, size, pos) for c, s in HELD_OUT_PAIRS for size in SIZES for pos in POSITIONS]
@@ -188,4 +196,5 @@ def world_unseen_prompts():
 
 register_prompt_set("world_small")(world_small_prompts)
 register_prompt_set("world_large")(lambda: all_captions(held_out=False))
+register_prompt_set("world_seen")(world_seen_prompts)
 register_prompt_set("world_unseen")(world_unseen_prompts)

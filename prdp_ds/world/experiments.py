@@ -1,0 +1,231 @@
+"""The paper in miniature: its experiments, re-run on the synthetic world (issue 7).
+
+    python -m prdp_ds.world.experiments E1 [--seeds 0 1 2] [--out results/world/E1] [--quick]
+    python -m prdp_ds.world.experiments --list
+
+An experiment is a set of arms, each a training preset plus `--set` overrides. For every seed S it
+trains each arm (`prdp_ds.train` with train.seed=S), then evaluates the base model and every arm's
+final checkpoint together (`prdp_ds.evaluate` with --seed S: the same prompts and noise for every
+model) on the experiment's prompt sets, with three scores: the alignment reward, the judge's verdict
+(1 if every attribute the prompt states is recognised; its mean is the judged accuracy) and the
+hackable image-only aesthetic reward. Then it aggregates over seeds.
+
+Outputs in --out:
+  runs/ARM/seed_S/   each training run (config.yaml, metrics.jsonl, samples/, checkpoints/)
+  eval/seed_S/       each seed's evaluation (eval.json, table.txt, grids/)
+  results.json       model x prompt set x score: mean over seeds, SE across seeds, the per-seed means,
+                     and the paired difference to the base model (same noise); settings, timings, machine
+  results.md         the same as tables (models as rows, prompt sets as columns), with the paper's claim
+  curves.png         every arm's training curves (mean +- SE over seeds)
+  grid_SET.png       seed 0's evaluation grid per prompt set (rows = models, same noise across rows)
+A rerun continues: finished training runs are kept, an unfinished one resumes from its latest
+checkpoint, and the evaluation resumes from its finished units. --quick shrinks every run to a few
+images and steps: it checks the machinery (CI), not the science.
+
+Runs in one process on the CPU (the world is small); it holds one process group for all its runs.
+"""
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import platform
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from prdp_ds import config as config_lib
+
+SCORES = ("world_alignment", "world_judge", "world_aesthetic")
+EVAL_REWARD = "{world_alignment: 1.0, world_judge: 0.0, world_aesthetic: 0.0}"
+AESTHETIC = ["reward={world_aesthetic: 1.0, world_alignment: 0.0, world_judge: 0.0}"]
+DDPO = ["algo.name=ddpo"]  # same lr, sampler, prompts and reward queries as PRDP
+NO_CLIP = ["loss.clip_range=1.0e9"]
+QUICK = ["train.epochs=1", "train.steps_per_epoch=1", "train.prompts_per_epoch=2", "train.images_per_prompt=2",
+         "sampler.num_steps=2", "train.images_per_chunk=4", "train.steps_per_chunk=2", "output.sample_every=1",
+         "output.eval_images=1"]
+QUICK_EVAL = ["--samples", "1", "--max-prompts", "2"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    title: str
+    claim: str                    # the paper's claim this experiment checks
+    arms: dict                    # label -> (training preset, [--set overrides])
+    prompt_sets: tuple            # evaluation prompt sets (registered names)
+    samples: int = 8              # evaluation images per prompt per model
+
+
+EXPERIMENTS = {
+    "E1": Experiment(
+        "small scale: PRDP vs DDPO vs base on world_small, alignment reward (paper Table 1)",
+        "PRDP reaches a higher reward than DDPO on the training prompts, and both beat the base model.",
+        {"prdp": ("world", []), "ddpo": ("world", DDPO)}, ("world_small",)),
+    "E2": Experiment(
+        "large scale: world_large, seen and unseen prompts; DDPO with and without per-prompt normalization "
+        "(paper Table 2, Fig. 9)",
+        "PRDP trains stably at large scale and generalizes to unseen prompts; DDPO falls behind, and "
+        "without per-prompt normalization it does worse.",
+        {"prdp": ("world_large", []), "ddpo": ("world_large", DDPO),
+         "ddpo_no_norm": ("world_large", DDPO + ["ddpo.per_prompt_norm=false"])}, ("world_seen", "world_unseen")),
+    "E3": Experiment(
+        "KL regularization against reward hacking: the image-only aesthetic reward, PRDP at three beta, "
+        "and DDPO (paper Fig. 8, 10)",
+        "Smaller beta raises the reward faster; larger beta keeps the samples closer to the base model "
+        "(here: the judge's accuracy on the prompts falls less).",
+        {"prdp_beta_0.01": ("world", AESTHETIC + ["loss.kl_weight=0.01"]),
+         "prdp_beta_0.05": ("world", AESTHETIC + ["loss.kl_weight=0.05"]),
+         "prdp_beta_0.25": ("world", AESTHETIC + ["loss.kl_weight=0.25"]),
+         "ddpo": ("world", AESTHETIC + DDPO)}, ("world_small",)),
+    "E4": Experiment(
+        "online vs offline, same reward queries and gradient steps (paper Fig. 7)",
+        "Online training reaches a clearly higher reward than offline training on trajectories sampled "
+        "once from the base model.",
+        {"online": ("world", []), "offline": ("world", ["algo.online=false"])}, ("world_small",)),
+    "E5": Experiment(
+        "the proximal clip, small and large scale (paper Table 5)",
+        "Removing the proximal clip lowers the reward (training is less stable), at both scales.",
+        {"small_clip": ("world", []), "small_no_clip": ("world", NO_CLIP),
+         "large_clip": ("world_large", []), "large_no_clip": ("world_large", NO_CLIP)},
+        ("world_small", "world_seen")),
+}
+
+
+def arm_overrides(exp, arm, seed, quick):
+    preset, sets = exp.arms[arm]
+    return preset, [*sets, f"train.seed={seed}", *(QUICK if quick else [])]
+
+
+def train_arm(run_dir, preset, overrides):
+    """Train one arm into run_dir unless finished there; resume an unfinished run from its checkpoint."""
+    from prdp_ds.train import main as train_main
+    epochs = config_lib.resolve(preset, None, overrides).train.epochs
+    metrics = run_dir / "metrics.jsonl"
+    done = metrics.exists() and any(json.loads(line)["epoch"] == epochs - 1
+                                    for line in metrics.read_text().splitlines() if line)
+    if done and (run_dir / "checkpoints" / "latest").is_file():
+        return False
+    resume = (run_dir / "checkpoints" / "latest").is_file()
+    if not resume and run_dir.exists():
+        shutil.rmtree(run_dir)  # a run that never checkpointed: start it again from scratch
+    argv = ["--preset", preset, "--output-dir", str(run_dir), *[a for o in overrides for a in ("--set", o)]]
+    train_main(argv + (["--resume", "latest"] if resume else []))
+    return True
+
+
+def evaluate_seed(exp, out, seed, quick):
+    from prdp_ds.evaluate import main as evaluate_main
+    first = next(iter(exp.arms))
+    argv = ["--train-config", str(out / "runs" / first / f"seed_{seed}" / "config.yaml"), "--seed", str(seed),
+            "--reward", EVAL_REWARD, "--samples", str(exp.samples), "--output-dir", str(out / "eval" / f"seed_{seed}")]
+    argv += [a for arm in exp.arms for a in ("--model", f"{arm}={out / 'runs' / arm / f'seed_{seed}'}")]
+    argv += [a for s in exp.prompt_sets for a in ("--prompts", s)]
+    evaluate_main(argv + (QUICK_EVAL if quick else []))
+    return json.loads((out / "eval" / f"seed_{seed}" / "eval.json").read_text())
+
+
+def _mean_se(values):
+    n = len(values)
+    mean = sum(values) / n
+    se = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n) if n > 1 else float("nan")
+    return mean, se
+
+
+def aggregate(evals):
+    """[eval.json per seed] -> {model: {set: {score: {mean, se, per_seed, vs_base: {mean, se}}}}}."""
+    first = evals[0]["results"]
+    out = {}
+    for model, row in first.items():
+        for pset in row:
+            for score in SCORES:
+                per_seed = [e["results"][model][pset][score]["mean"] for e in evals]
+                mean, se = _mean_se(per_seed)
+                cell = {"mean": mean, "se": se, "per_seed": per_seed}
+                if model != "base":
+                    d_mean, d_se = _mean_se([e["vs_base"][model][pset][score]["mean"] for e in evals])
+                    cell["vs_base"] = {"mean": d_mean, "se": d_se}
+                out.setdefault(model, {}).setdefault(pset, {})[score] = cell
+    return out
+
+
+def _fmt(x):
+    return "n/a" if x is None or not math.isfinite(x) else f"{x:.3f}"
+
+
+def markdown(name, exp, results, meta):
+    lines = [f"# {name}: {exp.title}", "", f"Paper's claim: {exp.claim}", "",
+             f"Seeds {meta['seeds']}; cells are the mean over seeds ± the standard error across seeds; in brackets, "
+             "the paired difference to the base model (same prompts and noise). Each seed's evaluation: "
+             f"{meta['samples']} images per prompt per model.", ""]
+    sets = list(exp.prompt_sets)
+    for score in SCORES:
+        lines += [f"## {score}", "", "| model | " + " | ".join(sets) + " |", "|---|" + "---|" * len(sets)]
+        for model, row in results.items():
+            cells = []
+            for s in sets:
+                c = row[s][score]
+                diff = f" ({c['vs_base']['mean']:+.3f} ± {_fmt(c['vs_base']['se'])})" if "vs_base" in c else ""
+                cells.append(f"{c['mean']:.3f} ± {_fmt(c['se'])}{diff}")
+            lines.append(f"| {model} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## Provenance", "", f"- command: `{meta['command']}`", f"- date: {meta['date']}",
+              f"- machine: {meta['machine']}", f"- wall time per seed (s): {meta['seed_wall_s']}", ""]
+    return "\n".join(lines)
+
+
+def run(name, seeds, out, quick=False):
+    from prdp_ds.engine import init_distributed
+    from prdp_ds.plot import plot_runs
+    exp = EXPERIMENTS[name]
+    out = Path(out)
+    init_distributed()  # one group for every run of this process (DeepSpeed caches its groups)
+    evals, seed_wall = [], {}
+    for seed in seeds:
+        start = time.time()
+        for arm in exp.arms:
+            preset, overrides = arm_overrides(exp, arm, seed, quick)
+            train_arm(out / "runs" / arm / f"seed_{seed}", preset, overrides)
+        evals.append(evaluate_seed(exp, out, seed, quick))
+        seed_wall[seed] = round(time.time() - start, 1)
+    results = aggregate(evals)
+    meta = {"experiment": name, "seeds": list(seeds), "quick": quick, "samples": 1 if quick else exp.samples,
+            "command": shlex.join(["python", "-m", "prdp_ds.world.experiments", *sys.argv[1:]]),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": f"{platform.node()}, {platform.platform()}, {torch.get_num_threads()} torch threads, "
+                       f"torch {torch.__version__}",
+            "seed_wall_s": seed_wall, "arms": {a: list(v) for a, v in exp.arms.items()}}
+    (out / "results.json").write_text(json.dumps({"meta": meta, "claim": exp.claim, "results": results}, indent=1))
+    (out / "results.md").write_text(markdown(name, exp, results, meta))
+    plot_runs({arm: [out / "runs" / arm / f"seed_{s}" for s in seeds] for arm in exp.arms}, out / "curves.png",
+              ["reward_mean", "eval/reward_mean", *[f"eval/{s}" for s in SCORES], "kl", "loss"])
+    for grid in (out / "eval" / f"seed_{seeds[0]}" / "grids").glob("*.png"):
+        shutil.copyfile(grid, out / f"grid_{grid.name}")
+    print((out / "results.md").read_text(), flush=True)
+    return results
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="prdp_ds.world.experiments", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("experiment", nargs="?", help=f"one of {', '.join(EXPERIMENTS)}")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--out", help="output folder (default: results/world/EXPERIMENT)")
+    p.add_argument("--quick", action="store_true", help="tiny runs that check the machinery, not the science")
+    p.add_argument("--list", action="store_true", help="print the experiments and their arms")
+    args = p.parse_args(argv)
+    if args.list:
+        for name, exp in EXPERIMENTS.items():
+            print(f"{name}: {exp.title}\n  arms: " + "; ".join(f"{a} = {pr} {' '.join(o)}".rstrip()
+                                                           for a, (pr, o) in exp.arms.items()))
+        return
+    if args.experiment not in EXPERIMENTS:
+        p.error(f"experiment {args.experiment!r}: expected one of {', '.join(EXPERIMENTS)}")
+    run(args.experiment, args.seeds, args.out or f"results/world/{args.experiment}", args.quick)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Presets, --set overrides and their errors (prdp_ds/config.py)."""
+import pytest
+
+from prdp_ds import config as config_lib
+from prdp_ds.config import ConfigError, from_dict, resolve, to_dict
+from prdp_ds.engine import batch_arithmetic
+
+
+@pytest.mark.parametrize("name", config_lib.preset_names())
+def test_every_preset_resolves_round_trips_and_splits(name):
+    cfg = resolve(name)
+    assert to_dict(from_dict(to_dict(cfg))) == to_dict(cfg)
+    batch_arithmetic(cfg, 1)  # raises on an impossible split
+
+
+def test_the_world_presets_use_the_world():
+    for name, prompts in (("world", "world_small"), ("world_large", "world_large")):
+        cfg = resolve(name)
+        assert cfg.model.pretrained == "world" and cfg.prompts.source == prompts
+    assert resolve("demo").model.pretrained == "tiny"
+
+
+@pytest.mark.parametrize("text, key, value", [
+    ("train.lr=2e-5", "lr", 2e-5), ("train.epochs=3", "epochs", 3), ("ddpo.per_prompt_norm=false", "per_prompt_norm", False)])
+def test_overrides_are_parsed_as_yaml_and_type_checked(text, key, value):
+    cfg = resolve("demo", overrides=[text])
+    section = getattr(cfg, text.split(".")[0])
+    assert getattr(section, key) == value and type(getattr(section, key)) is type(value)
+
+
+def test_a_reward_override_replaces_the_whole_mapping():
+    cfg = resolve("world", overrides=["reward={world_aesthetic: 1.0, world_judge: 0.0}"])
+    assert cfg.reward == {"world_aesthetic": 1.0, "world_judge": 0.0}
+
+
+@pytest.mark.parametrize("text, match", [
+    ("train.lrr=1", "unknown config key 'train.lrr'"),
+    ("train.epochs=1.5", "train.epochs: expected int"),
+    ("algo.name=ppo", "algo.name: expected one of"),
+    ("prompts.template={}", "prompts.template: expected str"),  # unquoted braces are a YAML mapping
+    ("train=3", "train: expected a mapping"),
+    ("nokey", "--set expects key=value")])
+def test_bad_overrides_name_the_key_and_what_was_expected(text, match):
+    with pytest.raises(ConfigError, match=match):
+        resolve("demo", overrides=[text])
+
+
+def test_unknown_preset_and_unreadable_file(tmp_path):
+    with pytest.raises(ConfigError, match="unknown preset 'nope'; available: demo"):
+        resolve("nope")
+    with pytest.raises(ConfigError, match=str(tmp_path / "missing.yaml")):
+        resolve(None, tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(ConfigError, match="expected a mapping at the top level"):
+        resolve(None, tmp_path / "list.yaml")

@@ -1,0 +1,58 @@
+"""The paper-in-miniature experiments (prdp_ds/world/experiments.py): every experiment's machinery,
+shortened (--quick), and the aggregation over seeds. The science is in results/world/, not here."""
+import json
+import math
+
+import pytest
+
+from prdp_ds import config as config_lib
+from prdp_ds.world import experiments as ex
+
+
+@pytest.mark.parametrize("name", list(ex.EXPERIMENTS))
+def test_every_arm_resolves(name):
+    for arm in ex.EXPERIMENTS[name].arms:
+        for quick in (False, True):
+            preset, overrides = ex.arm_overrides(ex.EXPERIMENTS[name], arm, 3, quick)
+            cfg = config_lib.resolve(preset, None, overrides)
+            assert cfg.train.seed == 3 and (cfg.train.epochs == 1) == quick
+
+
+@pytest.mark.parametrize("name", list(ex.EXPERIMENTS))
+def test_quick_experiment_writes_finite_results(name, tmp_path, world):
+    out = tmp_path / name
+    results = ex.run(name, [0], out, quick=True)
+    exp = ex.EXPERIMENTS[name]
+    assert list(results) == ["base", *exp.arms]
+    for model, row in results.items():
+        assert list(row) == list(exp.prompt_sets)
+        for cell in row.values():
+            for score in ex.SCORES:
+                assert math.isfinite(cell[score]["mean"]) and len(cell[score]["per_seed"]) == 1
+                assert (model == "base") != ("vs_base" in cell[score])
+    for f in ("results.json", "results.md", "curves.png", *(f"grid_{s}.png" for s in exp.prompt_sets)):
+        assert (out / f).is_file(), f
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["meta"]["quick"] and saved["results"] == json.loads(json.dumps(results))
+    for arm in exp.arms:
+        assert (out / "runs" / arm / "seed_0" / "checkpoints" / "latest").is_file()
+    if name == "E1":  # a rerun keeps finished runs and evaluation units
+        stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/seed_0/metrics.jsonl")}
+        ex.run(name, [0], out, quick=True)
+        assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def _eval(base, prdp):
+    cell = lambda m: {s: {"mean": m} for s in ex.SCORES}  # noqa: E731
+    return {"results": {"base": {"world_small": cell(base)}, "prdp": {"world_small": cell(prdp)}},
+            "vs_base": {"prdp": {"world_small": cell(prdp - base)}}}
+
+
+def test_aggregate_is_the_mean_and_standard_error_across_seeds():
+    out = ex.aggregate([_eval(0.5, 0.7), _eval(0.4, 0.7), _eval(0.6, 1.0)])
+    cell = out["prdp"]["world_small"]["world_judge"]
+    assert cell["mean"] == pytest.approx(0.8) and cell["per_seed"] == [0.7, 0.7, 1.0]
+    assert cell["se"] == pytest.approx(math.sqrt(((0.1**2 + 0.1**2 + 0.2**2) / 2) / 3))
+    assert cell["vs_base"]["mean"] == pytest.approx(0.3)
+    diffs = [0.2, 0.3, 0.4]
+    assert cell["vs_base"]["se"] == pytest.approx(math.sqrt(sum((d - 0.3) ** 2 for d in diffs) / 2 / 3))
