@@ -42,7 +42,8 @@ from prdp_ds import config as config_lib
 
 SCORES = ("world_alignment", "world_judge", "world_aesthetic")
 EVAL_REWARD = "{world_alignment: 1.0, world_judge: 0.0, world_aesthetic: 0.0}"
-AESTHETIC = ["reward={world_aesthetic: 1.0, world_alignment: 0.0, world_judge: 0.0}"]
+AESTHETIC = ["reward={world_aesthetic: 1.0, world_alignment: 0.0, world_judge: 0.0}",
+             "train.epochs=8"]  # 4 arms: 8 epochs each keeps a seed near the 15-minute budget
 DDPO = ["algo.name=ddpo"]  # same lr, sampler, prompts and reward queries as PRDP
 NO_CLIP = ["loss.clip_range=1.0e9"]
 QUICK = ["train.epochs=1", "train.steps_per_epoch=1", "train.prompts_per_epoch=2", "train.images_per_prompt=2",
