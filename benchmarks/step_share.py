@@ -11,7 +11,10 @@ sensitivity scales as b_t / sigma_t. Two measurements per T:
             sampling --prompts world_small prompts x --images images: mean |r_t| per step as a share of the sum.
 """
 import argparse
+import datetime
 import json
+import platform
+import shlex
 import sys
 from pathlib import Path
 
@@ -53,7 +56,11 @@ def main():
     p.add_argument("--guidance", type=float, default=6.0)
     p.add_argument("--json")
     args = p.parse_args()
-    out = {"args": vars(args), "world": {}, "sd14_proxy_T50": proxy_share(SD14_SCHEDULER, 50)}
+    device = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    meta = {"device": device, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": shlex.join(["python", "benchmarks/step_share.py", *sys.argv[1:]]), "torch": torch.__version__}
+    print(f"# device: {device}")
+    out = {"meta": meta, "args": vars(args), "world": {}, "sd14_proxy_T50": proxy_share(SD14_SCHEDULER, 50)}
     for T in args.T:
         out["world"][T] = {"proxy": proxy_share(WORLD_SCHEDULER, T),
                            "measured": measured_share(T, args.step, args.prompts, args.images, args.guidance)}

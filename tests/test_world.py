@@ -150,7 +150,7 @@ def test_alignment_reward_and_judge():
     print(f"judge accuracy on ground-truth renders: {acc:.3f}")
     assert acc > 0.9
     assert judge_accuracy(images, wrong) < 0.1
-    judged, parts = build_reward({"world_judge": 1.0})(images, own)  # the judge as a (logged) reward
+    judged, _ = build_reward({"world_judge": 1.0})(images, own)  # the judge as a (logged) reward
     assert set(judged.unique().tolist()) <= {0.0, 1.0} and judged.mean().item() == pytest.approx(acc)
     with pytest.raises(ValueError, match="a photo of a cat"):
         reward(images[:1], ["a photo of a cat"])

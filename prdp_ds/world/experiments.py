@@ -49,7 +49,7 @@ NO_CLIP = ["loss.clip_range=1.0e9"]
 QUICK = ["train.epochs=1", "train.steps_per_epoch=1", "train.prompts_per_epoch=2", "train.images_per_prompt=2",
          "sampler.num_steps=2", "train.images_per_chunk=4", "train.steps_per_chunk=2", "output.sample_every=1",
          "output.eval_images=1"]
-QUICK_EVAL = ["--samples", "1", "--max-prompts", "2"]
+QUICK_EVAL = ["--max-prompts", "2"]  # and 1 image per prompt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,23 +106,21 @@ def train_arm(run_dir, preset, overrides):
     from prdp_ds.train import main as train_main
     epochs = config_lib.resolve(preset, None, overrides).train.epochs
     metrics = run_dir / "metrics.jsonl"
-    done = metrics.exists() and any(json.loads(line)["epoch"] == epochs - 1
-                                    for line in metrics.read_text().splitlines() if line)
-    if done and (run_dir / "checkpoints" / "latest").is_file():
-        return False
-    resume = (run_dir / "checkpoints" / "latest").is_file()
-    if not resume and run_dir.exists():
+    checkpointed = (run_dir / "checkpoints" / "latest").is_file()
+    if checkpointed and any(json.loads(line)["epoch"] == epochs - 1 for line in metrics.read_text().splitlines() if line):
+        return
+    if not checkpointed and run_dir.exists():
         shutil.rmtree(run_dir)  # a run that never checkpointed: start it again from scratch
     argv = ["--preset", preset, "--output-dir", str(run_dir), *[a for o in overrides for a in ("--set", o)]]
-    train_main(argv + (["--resume", "latest"] if resume else []))
-    return True
+    train_main(argv + (["--resume", "latest"] if checkpointed else []))
 
 
 def evaluate_seed(exp, out, seed, quick):
     from prdp_ds.evaluate import main as evaluate_main
     first = next(iter(exp.arms))
+    samples = 1 if quick else exp.samples
     argv = ["--train-config", str(out / "runs" / first / f"seed_{seed}" / "config.yaml"), "--seed", str(seed),
-            "--reward", EVAL_REWARD, "--samples", str(exp.samples), "--output-dir", str(out / "eval" / f"seed_{seed}")]
+            "--reward", EVAL_REWARD, "--samples", str(samples), "--output-dir", str(out / "eval" / f"seed_{seed}")]
     argv += [a for arm in exp.arms for a in ("--model", f"{arm}={out / 'runs' / arm / f'seed_{seed}'}")]
     argv += [a for s in exp.prompt_sets for a in ("--prompts", s)]
     evaluate_main(argv + (QUICK_EVAL if quick else []))
@@ -174,7 +172,7 @@ def markdown(name, exp, results, meta):
             lines.append(f"| {model} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["## Provenance", "", f"- command: `{meta['command']}`", f"- date: {meta['date']}",
-              f"- machine: {meta['machine']}", f"- wall time per seed (s): {meta['seed_wall_s']}", ""]
+              f"- machine: {meta['machine']}", f"- wall time per seed in this invocation (s; finished runs are skipped): {meta['seed_wall_s']}", ""]
     return "\n".join(lines)
 
 
@@ -193,7 +191,7 @@ def run(name, seeds, out, quick=False):
         evals.append(evaluate_seed(exp, out, seed, quick))
         seed_wall[seed] = round(time.time() - start, 1)
     results = aggregate(evals)
-    meta = {"experiment": name, "seeds": list(seeds), "quick": quick, "samples": 1 if quick else exp.samples,
+    meta = {"experiment": name, "seeds": list(seeds), "quick": quick, "samples": evals[0]["settings"]["samples"],
             "command": shlex.join(["python", "-m", "prdp_ds.world.experiments", *sys.argv[1:]]),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": f"{platform.node()}, {platform.platform()}, {torch.get_num_threads()} torch threads, "

@@ -101,23 +101,23 @@ def world_aesthetic(device="cpu"):
     return reward
 
 
-@register_reward("world_alignment")
-def world_alignment(device="cpu", weights=None):
-    """weights: a folder holding classifier.safetensors (default: the shipped prdp_ds/world/weights)."""
+def _classifier_reward(score, weights, device):
+    """A registry reward scoring (images, prompts) with the scene classifier loaded once from `weights`."""
     model = load_classifier(weights, device)
 
     @torch.no_grad()
     def reward(images, prompts):
-        return alignment_score(images.to(device), list(prompts), model).cpu()
+        return score(images.to(device), list(prompts), model).float().cpu()
     return reward
+
+
+@register_reward("world_alignment")
+def world_alignment(device="cpu", weights=None):
+    """weights: a folder holding classifier.safetensors (default: the shipped prdp_ds/world/weights)."""
+    return _classifier_reward(alignment_score, weights, device)
 
 
 @register_reward("world_judge")
 def world_judge(device="cpu", weights=None):
     """1.0 where the judge finds every stated attribute, else 0.0; log it with weight 0 to track accuracy."""
-    model = load_classifier(weights, device)
-
-    @torch.no_grad()
-    def reward(images, prompts):
-        return judge(images.to(device), list(prompts), model).float().cpu()
-    return reward
+    return _classifier_reward(judge, weights, device)
