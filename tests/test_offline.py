@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from test_train import SMALL, TIMING, metrics, run
 
@@ -27,18 +28,28 @@ def test_offline_dataset_is_the_references_rollouts_and_training_takes_the_onlin
     assert rows[1]["kl"] != 0.0  # pass 1 ran at theta != ref
 
 
+def rollout_file(path):
+    """A rollout file's metadata and tensors (its bytes are not canonical: safetensors writes the metadata
+    map in hash order, which varies between processes)."""
+    with safe_open(str(path), "pt") as f:
+        return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+
+
 @pytest.mark.slow
 def test_an_interrupted_dataset_is_completed_and_a_changed_one_refused(tmp_path):
     data = tmp_path / "data"
     common = [*OFFLINE, "--set", f"algo.offline_dir={data}"]
     run(["--output-dir", str(tmp_path / "a"), *common])
-    kept = (data / "epoch_0001_rank0.safetensors").read_bytes()
+    kept_meta, kept = rollout_file(data / "epoch_0001_rank0.safetensors")
     (data / "epoch_0001_rank0.safetensors").unlink()
     (data / "epoch_0002_rank0.safetensors.tmp").write_bytes(b"half written")
     before = {f.name: f.stat().st_mtime_ns for f in data.glob("epoch_000[02]_rank0.safetensors")}
     proc = run(["--output-dir", str(tmp_path / "b"), *common])
     assert "offline dataset" in proc.stderr  # the progress bar of the one missing rollout
-    assert (data / "epoch_0001_rank0.safetensors").read_bytes() == kept
+    meta, tensors = rollout_file(data / "epoch_0001_rank0.safetensors")
+    assert meta == kept_meta and tensors.keys() == kept.keys()
+    for k in kept:
+        assert torch.equal(tensors[k], kept[k]), k  # bit-identical regeneration
     assert {f.name: f.stat().st_mtime_ns for f in data.glob("epoch_000[02]_rank0.safetensors")} == before
     untimed = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]  # noqa: E731
     assert untimed(metrics(tmp_path / "a")) == untimed(metrics(tmp_path / "b"))
