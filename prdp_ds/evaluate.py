@@ -42,13 +42,14 @@ from prdp_ds.engine import run_on_ranks
 from prdp_ds.models import ModelLoadError, load_models
 from prdp_ds.prompts import load_prompts
 from prdp_ds.rewards import build_reward
-from prdp_ds.sampler import image_seeds, sample
+from prdp_ds.sampler import SPACINGS, image_seeds, sample
 
 EVAL_EPOCH = 2**31 - 2  # evaluation seeds as if from this epoch id: neither a training epoch nor the training grid's
 NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
 GRID_TILE = 128  # pixels per grid image
 FROM_CONFIG = {"base": "model.pretrained", "base_seed": "model.seed", "num_steps": "sampler.num_steps",
-               "guidance_scale": "sampler.guidance_scale", "eta": "sampler.eta", "batch_size": "sampler.batch_size",
+               "guidance_scale": "sampler.guidance_scale", "eta": "sampler.eta", "spacing": "sampler.spacing",
+               "batch_size": "sampler.batch_size",
                "seed": "train.seed", "reward": "reward", "template": "prompts.template"}
 
 
@@ -72,6 +73,7 @@ def parse_args(argv=None):
     p.add_argument("--num-steps", type=int)
     p.add_argument("--guidance-scale", type=float)
     p.add_argument("--eta", type=float)
+    p.add_argument("--spacing", choices=SPACINGS, help="DDIM timestep spacing (default: sampler.spacing)")
     p.add_argument("--batch-size", type=int, help="images per sampler call")
     p.add_argument("--seed", type=int, help="base seed of the evaluation noise (default: train.seed)")
     p.add_argument("--prompts-per-unit", type=int, default=8, help="prompts per resumable unit of work")
@@ -139,7 +141,7 @@ def load_prompt_sets(args):
 
 def make_settings(args, models, sets):
     s = {k: getattr(args, k) for k in ("base", "base_seed", "template", "max_prompts", "reward", "samples",
-                                        "num_steps", "guidance_scale", "eta", "batch_size", "seed",
+                                        "num_steps", "guidance_scale", "eta", "spacing", "batch_size", "seed",
                                         "prompts_per_unit", "grid_prompts", "grid_samples")}
     s.update(precision=str(_dtype()).replace("torch.", ""), eval_epoch=EVAL_EPOCH,
              models={name: {"kind": kind, "path": path} for name, kind, path in models},
@@ -201,7 +203,7 @@ def run_unit(models, reward_fn, prompts, ids, args):
     for lo in range(0, n, args.batch_size):
         batch = flat_prompts[lo:lo + args.batch_size]
         images = sample(models, batch, flat_seeds[lo:lo + len(batch)], args.num_steps, args.guidance_scale, args.eta,
-                        args.batch_size, with_reference=False).images[:, 0]
+                        args.batch_size, with_reference=False, spacing=args.spacing).images[:, 0]
         total, parts = reward_fn(images, batch)
         for name, v in {"total": total, **parts}.items():
             scores.setdefault(name, []).append(v.double().cpu())

@@ -27,6 +27,7 @@ def dataset_meta(cfg, world_size, prompts_fingerprint):
     return {"model.pretrained": cfg.model.pretrained, "model.seed": cfg.model.seed,
             "model.lora_rank": cfg.model.lora_rank, "sampler.num_steps": cfg.sampler.num_steps,
             "sampler.guidance_scale": cfg.sampler.guidance_scale, "sampler.eta": cfg.sampler.eta,
+            "sampler.spacing": cfg.sampler.spacing,
             "train.seed": cfg.train.seed, "train.prompts_per_epoch": cfg.train.prompts_per_epoch,
             "train.images_per_prompt": cfg.train.images_per_prompt, "prompts": prompts_fingerprint,
             "reward": json.dumps(cfg.reward, sort_keys=True), "world_size": world_size}

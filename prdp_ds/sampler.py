@@ -36,18 +36,46 @@ class StepSchedule:
         return StepSchedule(*(t.to(device) for t in (self.timesteps, self.a, self.b, self.sigma)))
 
 
-def step_schedule(scheduler, num_steps, eta=1.0):
-    """The T-step DDIM subsequence and its per-step (a_t, b_t, sigma_t), from the scheduler's own
-    alphas_cumprod, timesteps and final_alpha_cumprod; computed in fp64, stored in fp32."""
+SPACINGS = ("uniform", "quadratic")
+
+
+def ddim_timesteps(scheduler, num_steps, spacing="uniform"):
+    """(T,) long, descending: the T timesteps a trajectory visits.
+
+    uniform: the scheduler's own set_timesteps (SD v1.4: 981, 961, ..., 1 at T = 50).
+    quadratic: DDIM's quadratic sequence (Song et al. 2021, their CIFAR-10 setting):
+        t_i = 1 + round((N - 2) (i / (T - 1))^2), i = 0 .. T - 1 (N train timesteps), each kept at least one above
+        the one below it. It puts more steps near t = 0, where the linear beta schedule of small pixel models makes
+        uniform steps uneven: the step into t = 1 has sigma ~ 0.015 but eps_hat's coefficient b ~ 0.3, so its
+        b/sigma (the weight of that step's log-ratio on the model's output) is 11-21x every other step's at T = 10
+        (benchmarks/step_share.py).
+    """
+    if spacing not in SPACINGS:
+        raise ValueError(f"sampler.spacing must be one of {SPACINGS}, got {spacing!r}")
+    if spacing == "uniform":
+        scheduler.set_timesteps(num_steps)
+        return scheduler.timesteps.long().cpu()
+    N = scheduler.config.num_train_timesteps
+    if not 1 <= num_steps <= N // 2:
+        raise ValueError(f"sampler.num_steps must be in [1, {N // 2}] for quadratic spacing, got {num_steps}")
+    frac = torch.linspace(0, 1, num_steps, dtype=torch.float64) if num_steps > 1 else torch.ones(1, dtype=torch.float64)
+    ts = (1 + (N - 2) * frac**2).round().long().tolist()
+    for i in range(1, num_steps):
+        ts[i] = max(ts[i], ts[i - 1] + 1)
+    return torch.tensor(ts[::-1], dtype=torch.long)
+
+
+def step_schedule(scheduler, num_steps, eta=1.0, spacing="uniform"):
+    """The T-step DDIM subsequence (ddim_timesteps) and its per-step (a_t, b_t, sigma_t), from the
+    scheduler's alphas_cumprod and final_alpha_cumprod; computed in fp64, stored in fp32. Each step goes
+    to the next timestep of the sequence; the last to final_alpha_cumprod."""
     if not 0 < eta <= 1:
         raise ValueError(f"sampler.eta must be in (0, 1] (the policy needs sigma_t > 0), got {eta}")
-    scheduler.set_timesteps(num_steps)
-    timesteps = scheduler.timesteps.long().cpu()
+    timesteps = ddim_timesteps(scheduler, num_steps, spacing)
     abar = scheduler.alphas_cumprod.double()
-    stride = scheduler.config.num_train_timesteps // num_steps
     ab_t = abar[timesteps]
-    prev = timesteps - stride
-    ab_prev = torch.where(prev >= 0, abar[prev.clamp(min=0)], torch.as_tensor(float(scheduler.final_alpha_cumprod)).double())
+    final = torch.as_tensor(float(scheduler.final_alpha_cumprod)).double().view(1)
+    ab_prev = torch.cat([abar[timesteps[1:]], final])
     var = (1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev)
     sigma = eta * var.sqrt()
     a = ab_prev.sqrt() / ab_t.sqrt()
@@ -103,7 +131,7 @@ class Trajectories:
 
 @torch.no_grad()
 def sample(models, prompts, seeds, num_steps, guidance_scale, eta=1.0, batch_size=16,
-           reduction="sum", impl="torch", with_reference=True):
+           reduction="sum", impl="torch", with_reference=True, spacing="uniform"):
     """Sample G groups x B images (seeds (G, B)) with the policy `models.unet`.
 
     batch_size: images per UNet call (the CFG batch is twice that). With with_reference=False only
@@ -116,7 +144,7 @@ def sample(models, prompts, seeds, num_steps, guidance_scale, eta=1.0, batch_siz
     device = next(unet.parameters()).device
     cfg = getattr(unet, "module", unet).config  # a DeepSpeed engine wraps the UNet
     latent_shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
-    sched = step_schedule(models.scheduler, num_steps, eta).to(device)
+    sched = step_schedule(models.scheduler, num_steps, eta, spacing).to(device)
     T = num_steps
     n = G * B
     cond_all = models.encode_prompts(list(prompts)).repeat_interleave(B, dim=0)

@@ -122,7 +122,8 @@ class Trainer:
         self.engine = make_engine(unet, self.ds_config, make_optimizer(trainable, cfg, on_gpu and not offload))
         self.models.unet = self.engine                             # the policy is called through the engine
         self.impl = resolve_impl(cfg.loss.impl, device)
-        self.schedule = step_schedule(self.models.scheduler, cfg.sampler.num_steps, cfg.sampler.eta).to(device)
+        s = cfg.sampler
+        self.schedule = step_schedule(self.models.scheduler, s.num_steps, s.eta, s.spacing).to(device)
         self.log = RunLog(output_dir, enabled=rank == 0)
         self.bad_in_a_row = 0
         ddpo = cfg.algo.name == "ddpo"
@@ -162,7 +163,7 @@ class Trainer:
         all_prompts = self.prompt_sampler.prompts(self.prompts, epoch)
         seeds = image_seeds(cfg.train.seed, epoch, group_ids, cfg.train.images_per_prompt)
         traj = sample(models, [all_prompts[g] for g in group_ids], seeds, s.num_steps, s.guidance_scale,
-                      s.eta, s.batch_size, cfg.loss.reduction, self.impl)
+                      s.eta, s.batch_size, cfg.loss.reduction, self.impl, spacing=s.spacing)
         G, B = seeds.shape
         try:
             total, parts = self.reward_fn(traj.images.flatten(0, 1), traj.flat_prompts)
@@ -179,7 +180,8 @@ class Trainer:
         prompts = [self.cfg.prompts.template.format(p) for p in o.eval_prompts]
         seeds = image_seeds(self.cfg.train.seed, EVAL_EPOCH, range(len(prompts)), o.eval_images)
         traj = sample(self.models, prompts, seeds, self.cfg.sampler.num_steps, self.cfg.sampler.guidance_scale,
-                      self.cfg.sampler.eta, self.cfg.sampler.batch_size, with_reference=False)
+                      self.cfg.sampler.eta, self.cfg.sampler.batch_size, with_reference=False,
+                      spacing=self.cfg.sampler.spacing)
         self.log.save_grid(epoch, traj.images)
         try:
             total, parts = self.reward_fn(traj.images.flatten(0, 1), traj.flat_prompts)

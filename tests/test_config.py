@@ -37,6 +37,7 @@ def test_a_reward_override_replaces_the_whole_mapping():
     ("train.lrr=1", "unknown config key 'train.lrr'"),
     ("train.epochs=1.5", "train.epochs: expected int"),
     ("algo.name=ppo", "algo.name: expected one of"),
+    ("sampler.spacing=cosine", "sampler.spacing: expected one of"),
     ("prompts.template={}", "prompts.template: expected str"),  # unquoted braces are a YAML mapping
     ("train=3", "train: expected a mapping"),
     ("nokey", "--set expects key=value")])

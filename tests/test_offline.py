@@ -55,4 +55,6 @@ def test_an_interrupted_dataset_is_completed_and_a_changed_one_refused(tmp_path)
     assert untimed(metrics(tmp_path / "a")) == untimed(metrics(tmp_path / "b"))
     proc = run(["--output-dir", str(tmp_path / "c"), *common, "--set", "sampler.guidance_scale=3.0"], check=False)
     assert proc.returncode != 0 and "sampler.guidance_scale: 5.0 there, 3.0 now" in proc.stderr
+    proc = run(["--output-dir", str(tmp_path / "d"), *common, "--set", "sampler.spacing=quadratic"], check=False)
+    assert proc.returncode != 0 and "sampler.spacing: 'uniform' there, 'quadratic' now" in proc.stderr
     assert json.loads((data / "meta.json").read_text())["sampler.guidance_scale"] == 5.0

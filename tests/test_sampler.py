@@ -3,7 +3,7 @@ import torch
 
 from prdp_ds.logratio import gaussian_log_prob
 from prdp_ds.models import build_tiny
-from prdp_ds.sampler import cfg_predict, image_noise, image_seeds, sample, step_schedule
+from prdp_ds.sampler import cfg_predict, ddim_timesteps, image_noise, image_seeds, sample, step_schedule
 
 W = 5.0
 # fp32 trajectories computed in a different order (or batch) differ by rounding, which guidance
@@ -84,6 +84,45 @@ def test_schedule_matches_sd14_and_refuses_eta_zero(models):
     assert (sch.sigma > 0).all()
     with pytest.raises(ValueError, match="sampler.eta"):
         step_schedule(models.scheduler, 50, eta=0.0)
+
+
+@pytest.mark.parametrize("T", [1, 2, 7, 10, 33, 500])
+def test_quadratic_spacing_is_descending_from_the_top_to_t_1_and_denser_near_0(models, T):
+    ts = ddim_timesteps(models.scheduler, T, "quadratic").tolist()
+    assert len(ts) == T == len(set(ts)) and ts == sorted(ts, reverse=True)
+    assert ts[0] == 999 and (T == 1 or ts[-1] == 1)
+    gaps = [a - b for a, b in zip(ts, ts[1:])]
+    assert all(g >= h - 1 for g, h in zip(gaps, gaps[1:]))  # shrinking towards t = 0, up to rounding
+    with pytest.raises(ValueError, match="sampler.spacing"):
+        ddim_timesteps(models.scheduler, T, "cosine")
+
+
+def test_quadratic_spacing_refuses_more_steps_than_it_can_place(models):
+    with pytest.raises(ValueError, match=r"sampler.num_steps must be in \[1, 500\] for quadratic spacing"):
+        ddim_timesteps(models.scheduler, 501, "quadratic")
+
+
+@pytest.mark.parametrize("spacing", ["uniform", "quadratic"])
+def test_trajectory_matches_an_fp64_ddim_loop_over_its_own_timesteps(models, spacing):
+    """x_{t-1} = sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev - sigma^2) eps_hat + sigma z, with ab_prev that of
+    the next timestep of the sequence (the last step: final_alpha_cumprod), computed here in fp64."""
+    T, prompts, seeds = 6, ["a red fox"], image_seeds(1, 0, [0], 3)
+    traj = sample(models, prompts, seeds, T, W, spacing=spacing, with_reference=False)
+    ts = ddim_timesteps(models.scheduler, T, spacing)
+    abar = models.scheduler.alphas_cumprod.double()
+    ab = [abar[t] for t in ts] + [torch.tensor(float(models.scheduler.final_alpha_cumprod)).double()]
+    cond = models.encode_prompts(prompts).expand(3, -1, -1)
+    uncond = models.encode_prompts([""]).expand(3, -1, -1)
+    noise = torch.stack([image_noise(s, T, (4, 8, 8)) for s in seeds.reshape(-1).tolist()]).double()
+    x = noise[:, 0]
+    with torch.no_grad():
+        for k, t in enumerate(ts):
+            eu, ec = cfg_predict(models.unet, x.float(), t, cond, uncond)
+            eps = (eu + W * (ec - eu)).double()
+            sigma2 = (1 - ab[k + 1]) / (1 - ab[k]) * (1 - ab[k] / ab[k + 1])
+            x0 = (x - (1 - ab[k]).sqrt() * eps) / ab[k].sqrt()
+            x = ab[k + 1].sqrt() * x0 + (1 - ab[k + 1] - sigma2).sqrt() * eps + sigma2.sqrt() * noise[:, k + 1]
+            torch.testing.assert_close(traj.latents[0, :, k + 1], x.float(), **TOL)
 
 
 def test_seeds_are_a_function_of_global_ids():

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from prdp_ds.prompts import load_prompts
-from prdp_ds.sampler import sample
+from prdp_ds.sampler import SPACINGS, sample
 from prdp_ds.world import scenes
 from prdp_ds.world.classifier import load_classifier, predict
 from prdp_ds.world.model import build_world_models
@@ -44,6 +44,7 @@ def main(argv=None):
     p.add_argument("--num-steps", type=int, default=20)
     p.add_argument("--guidance", type=float, nargs="+", default=[3.0])
     p.add_argument("--eta", type=float, default=1.0)
+    p.add_argument("--spacing", default="uniform", choices=SPACINGS, help="DDIM timestep spacing")
     p.add_argument("--out", required=True)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
@@ -59,7 +60,8 @@ def main(argv=None):
     for w in args.guidance:
         start = time.time()
         with torch.no_grad():
-            traj = sample(models, prompts, seeds, args.num_steps, w, eta=args.eta, batch_size=32, with_reference=False)
+            traj = sample(models, prompts, seeds, args.num_steps, w, eta=args.eta, batch_size=32, with_reference=False,
+                          spacing=args.spacing)
         images = traj.images  # (G, B, 3, H, W)
         flat = images.reshape(G * B, *images.shape[2:])
         res = evaluate(flat, [q for q in prompts for _ in range(B)], classifier)
@@ -73,7 +75,7 @@ def main(argv=None):
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     vutils.save_image(grid.reshape(-1, *grid.shape[2:]), out, nrow=grid.shape[1], padding=1, pad_value=1.0)
-    record = dict(prompts=prompts, seeds=seeds.tolist(), num_steps=args.num_steps, eta=args.eta,
+    record = dict(prompts=prompts, seeds=seeds.tolist(), num_steps=args.num_steps, spacing=args.spacing, eta=args.eta,
                   layout="rows = prompts; columns: ground-truth render, then per guidance scale a white column "
                          f"and {B} samples", guidance=args.guidance, results=results)
     out.with_suffix(".json").write_text(json.dumps(record, indent=1))
