@@ -14,11 +14,8 @@ Rows: images/s per reward and batch size; then, per reward, one call with the mo
 build the reward again).
 """
 import argparse
-import datetime
 import gzip
 import json
-import platform
-import shlex
 import statistics
 import sys
 import tempfile
@@ -29,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.provenance import cpu_name, run_meta  # noqa: E402
 from prdp_ds import reward_models as rm  # noqa: E402
 
 TINY_OPEN_CLIP = {"embed_dim": 16,
@@ -132,10 +130,8 @@ def main(argv=None):
     if device.type == "cuda":
         device_name = torch.cuda.get_device_name(device)
     else:
-        device_name = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    meta = {"device": device_name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(["python", "benchmarks/rewards.py"] + [shlex.quote(a) for a in (argv or sys.argv[1:])]),
-            "torch": torch.__version__, "model_size": size, "resolution": args.resolution}
+        device_name = cpu_name()
+    meta = {**run_meta("benchmarks/rewards.py", device_name, argv), "model_size": size, "resolution": args.resolution}
     print(f"# device: {device_name}; models: {size} (random weights); images {args.resolution}x{args.resolution}")
 
     rows = []

@@ -11,10 +11,7 @@ sensitivity scales as b_t / sigma_t. Two measurements per T and timestep spacing
             sampling --prompts world_small prompts x --images images: mean |r_t| per step as a share of the sum.
 """
 import argparse
-import datetime
 import json
-import platform
-import shlex
 import sys
 from pathlib import Path
 
@@ -23,6 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import prdp_ds.world  # noqa: E402,F401  registers the world
+from benchmarks.provenance import cpu_name, run_meta  # noqa: E402
 from prdp_ds.models import SD14_SCHEDULER, load_models, make_scheduler  # noqa: E402
 from prdp_ds.sampler import image_seeds, sample, step_schedule  # noqa: E402
 from prdp_ds.world.model import SCHEDULER as WORLD_SCHEDULER  # noqa: E402
@@ -57,9 +55,8 @@ def main():
     p.add_argument("--guidance", type=float, default=6.0)
     p.add_argument("--json")
     args = p.parse_args()
-    device = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    meta = {"device": device, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": shlex.join(["python", "benchmarks/step_share.py", *sys.argv[1:]]), "torch": torch.__version__}
+    device = cpu_name()
+    meta = run_meta("benchmarks/step_share.py", device)
     print(f"# device: {device}")
     out = {"meta": meta, "args": vars(args), "world": {}, "sd14_proxy_T50": proxy_share(SD14_SCHEDULER, 50)}
     for spacing in args.spacing:
