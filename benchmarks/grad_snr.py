@@ -7,8 +7,9 @@ dr_ij (grad R_i - grad R_j): a reward-weighted score function, the same directio
 independent batches shaped like one epoch of the `world` preset (6 prompts x 6 images of world_small, fresh noise
 each), this computes that gradient over the UNet's weights and reports the mean cosine c between the gradients of
 different batches: the shared (signal) part carries about a fraction c of a batch gradient's squared norm, and the
-mean of n batches has cosine about sqrt(n c / (1 + (n - 1) c)) with the signal. Per reward (the alignment reward, which the world does not learn; the aesthetic
-one, which it learns slowly) and per timestep spacing. It also gives each step's share of the gradient's norm.
+mean of n batches has cosine about sqrt(n c / (1 + (n - 1) c)) with the signal. Per reward (the alignment reward,
+which the world does not learn; the aesthetic one, which it learns slowly) and per timestep spacing. It also gives
+each step's share of the gradient's norm.
 """
 import argparse
 import copy
@@ -22,35 +23,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import prdp_ds.world  # noqa: E402,F401  registers the world
 from benchmarks.provenance import cpu_name, run_meta  # noqa: E402
-from prdp_ds.logratio import guided_eps, step_log_ratio  # noqa: E402
+from prdp_ds.config import Config  # noqa: E402
 from prdp_ds.loss import rdp_loss  # noqa: E402
 from prdp_ds.models import load_models  # noqa: E402
 from prdp_ds.rewards import build_reward  # noqa: E402
-from prdp_ds.sampler import cfg_predict, image_seeds, sample  # noqa: E402
+from prdp_ds.sampler import image_seeds, sample  # noqa: E402
+from prdp_ds.twopass import chunk_log_ratios  # noqa: E402
 from prdp_ds.world.scenes import world_small_prompts  # noqa: E402
 
 
-def batch_gradient(models, reward_fn, prompts, seeds, T, guidance, spacing, beta):
-    """-> (flat gradient of the PRDP loss at theta = ref over the UNet's weights, (T,) per-step gradient norms)."""
+def batch_gradient(models, reward_fn, prompts, seeds, cfg):
+    """-> (flat gradient of the PRDP loss at theta = ref over the UNet's weights, (T,) per-step gradient norms).
+    The per-step log-ratios are the trainer's own (prdp_ds.twopass.chunk_log_ratios), one step at a time."""
     at_ref = copy.copy(models)
     at_ref.unet = models.ref_unet                                     # sample from pi_ref: r_old = 0
-    traj = sample(at_ref, prompts, seeds, T, guidance, batch_size=seeds.numel(), spacing=spacing)
+    T, n = cfg.sampler.num_steps, seeds.numel()
+    traj = sample(at_ref, prompts, seeds, T, cfg.sampler.guidance_scale, batch_size=n, spacing=cfg.sampler.spacing)
     G, B = seeds.shape
     rewards, _ = reward_fn(traj.images.flatten(0, 1), traj.flat_prompts)
     R = torch.zeros(G, B, T, requires_grad=True)
-    rdp_loss(R, torch.zeros(G, B, T), rewards.view(G, B).float(), 1e9, beta).backward()
+    rdp_loss(R, torch.zeros(G, B, T), rewards.view(G, B).float(), 1e9, cfg.loss.kl_weight).backward()
     weight = R.grad.flatten(0, 1)                                     # (G*B, T) dL/dr_{i,t}
-    s, lat = traj.schedule, traj.flat("latents")
     cond = models.encode_prompts(traj.flat_prompts)
-    uncond = models.encode_prompts([""]).expand(G * B, -1, -1)
+    uncond = models.encode_prompts([""])
     params = [p for p in models.unet.parameters() if p.requires_grad]
     total = [torch.zeros_like(p) for p in params]
     step_norms = []
     for k in range(T):
-        eps_u, eps_c = cfg_predict(models.unet, lat[:, k], s.timesteps[k], cond, uncond)
-        r = step_log_ratio(guided_eps(eps_u, eps_c, guidance), traj.flat("eps_ref")[:, k], lat[:, k], lat[:, k + 1],
-                           s.a[k], s.b[k], s.sigma[k])
-        grads = torch.autograd.grad((weight[:, k] * r).sum(), params)
+        r = chunk_log_ratios(models.unet, traj, cond, uncond, slice(0, n), slice(k, k + 1), cfg, "torch")  # (n, 1)
+        grads = torch.autograd.grad((weight[:, k] * r[:, 0]).sum(), params)
         step_norms.append(torch.cat([g.flatten() for g in grads]).norm().item())
         total = [a + g for a, g in zip(total, grads)]
     return torch.cat([g.flatten() for g in total]), step_norms
@@ -87,12 +88,14 @@ def main():
     for reward in args.rewards:
         reward_fn = build_reward({reward: 1.0}, "cpu")
         for spacing in args.spacing:
+            cfg = Config()
+            cfg.sampler.num_steps, cfg.sampler.guidance_scale, cfg.sampler.spacing = args.T, args.guidance, spacing
+            cfg.loss.kl_weight = args.beta
             grads, norms = [], []
             for b in range(args.batches):
                 ids = [(b * args.prompts + i) % len(all_prompts) for i in range(args.prompts)]
                 seeds = image_seeds(0, b, ids, args.images)
-                g, step_norms = batch_gradient(models, reward_fn, [all_prompts[i] for i in ids], seeds, args.T,
-                                               args.guidance, spacing, args.beta)
+                g, step_norms = batch_gradient(models, reward_fn, [all_prompts[i] for i in ids], seeds, cfg)
                 grads.append(g)
                 norms.append(step_norms)
             cos = torch.tensor(pairwise_cosines(grads), dtype=torch.float64)

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from prdp_ds.config import CHOICES
 from prdp_ds.logratio import cfg_step_log_ratio, guided_eps
 
 ROLLOUT_FIELDS = ("latents", "eps_old", "eps_ref", "log_ratio_old", "images", "seeds")
@@ -36,7 +37,7 @@ class StepSchedule:
         return StepSchedule(*(t.to(device) for t in (self.timesteps, self.a, self.b, self.sigma)))
 
 
-SPACINGS = ("uniform", "quadratic")
+SPACINGS = CHOICES["sampler.spacing"]  # ("uniform", "quadratic")
 
 
 def ddim_timesteps(scheduler, num_steps, spacing="uniform"):

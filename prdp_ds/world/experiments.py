@@ -172,7 +172,8 @@ def markdown(name, exp, results, meta):
             lines.append(f"| {model} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["## Provenance", "", f"- command: `{meta['command']}`", f"- date: {meta['date']}",
-              f"- machine: {meta['machine']}", f"- wall time per seed in this invocation (s; finished runs are skipped): {meta['seed_wall_s']}", ""]
+              f"- machine: {meta['machine']}",
+              f"- wall time per seed in this invocation (s; finished runs are skipped): {meta['seed_wall_s']}", ""]
     return "\n".join(lines)
 
 
