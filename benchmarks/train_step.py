@@ -222,12 +222,30 @@ def main():
 
     rows = []
 
+    def write_json():  # after every row: a run stopped at a time limit keeps what it measured
+        if not (args.json and rank == 0):
+            return
+        out = dict(device=dev_name, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                   command=" ".join(["python"] + [shlex.quote(a) for a in sys.argv]),
+                   env={k: os.environ[k] for k in ("OMP_NUM_THREADS", "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES")
+                        if k in os.environ}, torch_threads=torch.get_num_threads(),
+                   torch=torch.__version__, deepspeed=deepspeed.__version__, world_size=world,
+                   settings=dict(vars(args), unet_params=n_params, cfg_forward_flops_per_image=F,
+                                 backward_calls_per_step=gas,
+                                 memory=("cuda_max_allocated_per_phase" if CUDA else "process_max_rss_so_far")),
+                   note=("CPU: fp32 tiny UNet, Triton interpreted; timings mean little" if not CUDA else
+                         "GPU: DeepSpeed bf16 ZeRO-2; FLOPs counted by FlopCounterMode"),
+                   rows=rows)
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+
     def row(method, phase, m, T_=T, status="ok"):
         tflop = FLOP_MULT[phase] * T_ * F * n / 1e12 if m and FLOP_MULT[phase] else None
         s = m["s"] if m else None
         rows.append(dict(method=method, phase=phase, T=T_, status=status, seconds=s, mem_mb=m["mb"] if m else None,
                          images_per_s=n / s if s and FLOP_MULT[phase] else None, tflop=tflop,
                          mfu=tflop / (s * args.peak_tflops) if s and tflop and args.peak_tflops else None))
+        write_json()
 
     sample_impl = "triton" if CUDA else "torch"  # the trainer's loss.impl=auto
     prompts = [f"A painting of a {ANIMALS[g % len(ANIMALS)]}" for g in range(G)]
@@ -305,19 +323,7 @@ def main():
     say(f"images per rank per step: {n}; img/s = {n} / seconds; peak memory: "
         + ("torch.cuda.max_memory_allocated per phase" if CUDA else "process max RSS so far (not per phase)"))
     if args.json and rank == 0:
-        out = dict(device=dev_name, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                   command=" ".join(["python"] + [shlex.quote(a) for a in sys.argv]),
-                   env={k: os.environ[k] for k in ("OMP_NUM_THREADS", "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES")
-                        if k in os.environ}, torch_threads=torch.get_num_threads(),
-                   torch=torch.__version__, deepspeed=deepspeed.__version__, world_size=world,
-                   settings=dict(vars(args), unet_params=n_params, cfg_forward_flops_per_image=F,
-                                 backward_calls_per_step=gas,
-                                 memory=("cuda_max_allocated_per_phase" if CUDA else "process_max_rss_so_far")),
-                   note=("CPU: fp32 tiny UNet, Triton interpreted; timings mean little" if not CUDA else
-                         "GPU: DeepSpeed bf16 ZeRO-2; FLOPs counted by FlopCounterMode"),
-                   rows=rows)
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+        write_json()
         say(f"wrote {args.json}")
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -8,21 +8,26 @@ clip range eps and KL weight beta:
     for every ordered pair (i, j) with target_ij = (rw_i - rw_j) / beta > 0 (valid pairs):
         e_ij = R_i - R_j - target_ij,  e'_ij = C_i - C_j - target_ij
         l_ij = max(e_ij^2, e'_ij^2)
+    Which square is larger is decided without cancellation: e^2 - e'^2 = (e - e')(e + e') with
+    e - e' = Dg_i - Dg_j, Dg = mean_t (r - clamp(r)). With the paper's beta the target is ~1e2-1e4
+    while e - e' is ~1e-5: e and e' computed in fp32 round to the same number, and max(e^2, e'^2)
+    would pick a branch (and so a gradient) at random; Dg is exact where the clip is inactive.
     L_g = mean of l_ij over the valid pairs of g;   L = mean of L_g over groups with >= 1 valid pair
     (L = 0 when no group has a valid pair).
 
-Gradient, with s_g = 1 / (n_pairs_g * n_valid_groups) for a valid group (else 0) and the torch
-tie conventions (torch.maximum splits 0.5 / 0.5 at exact ties; torch.clamp with tensor bounds
-gives 1 strictly inside the band, 0.5 for each bound it sits exactly on, 0 outside):
+Gradient, with s_g = 1 / (n_pairs_g * n_valid_groups) for a valid group (else 0) and these
+subgradients at kinks: an exact max tie splits 0.5 / 0.5 (as torch.maximum does); clamp' is 1
+strictly inside the band, 0.5 for each bound r sits exactly on, 0 outside (torch.clamp with tensor
+bounds gives this in torch 2.14, but 1 on a bound in torch 2.11: measured, benchmarks/results/gpu_h200.md):
 
-    A_ij  = s_g * 2 e_ij  * [e_ij^2 > e'_ij^2 or 0.5 if equal]     (valid pairs only)
-    A'_ij = s_g * 2 e'_ij * [e'_ij^2 > e_ij^2 or 0.5 if equal]
+    A_ij  = s_g * 2 e_ij  * [e_ij^2 > e'_ij^2 or 0.5 if equal]     (valid pairs only; the
+    A'_ij = s_g * 2 e'_ij * [e'_ij^2 > e_ij^2 or 0.5 if equal]      comparison as above)
     dL/dR_k = sum_j A_kj - sum_i A_ik,   dL/dC_k likewise with A'
     dL/dr_{k,t} = dL/dR_k / T + dL/dC_k / T * clamp'(r_{k,t})
 
 Kernel and why it is one launch. The (G, B, T) tensors are tiny (a few hundred KB at most), so a
 program processes BLOCK_G whole groups at a time as (BLOCK_G, BLOCK_B, BLOCK_T) tiles with
-(BLOCK_G, BLOCK_B, BLOCK_B) pair tiles, looping over T in chunks (pass A: R and C; pass B: write
+(BLOCK_G, BLOCK_B, BLOCK_B) pair tiles, looping over T in chunks (pass A: R, C and Dg; pass B: write
 dL/dr) and over its chunks of groups. The cross-group mean needs the number of valid groups before
 any gradient can be scaled: every program first counts it itself from the (G, B) rewards (a
 pairwise sign test, identical to the one the loss uses, O(G B^2) flops, negligible), so dL/dr
@@ -84,9 +89,10 @@ def _rdp_loss_kernel(
         m2 = ((gi < G) & (gi < g_end))[:, None] & b_in[None, :]                  # (BG, BB)
         base = gi.to(tl.int64)[:, None, None] * B * T + ib[None, :, None] * T     # (BG, BB, 1)
 
-        # pass A: R = mean_t r, C = mean_t clamp(r)
+        # pass A: R = mean_t r, C = mean_t clamp(r), Dg = mean_t (r - clamp(r))
         r_sum = tl.zeros((BLOCK_G, BLOCK_B), dtype=tl.float32)
         c_sum = tl.zeros((BLOCK_G, BLOCK_B), dtype=tl.float32)
+        d_sum = tl.zeros((BLOCK_G, BLOCK_B), dtype=tl.float32)
         for t0 in range(0, T, BLOCK_T):
             tt = t0 + it
             m3 = m2[:, :, None] & (tt < T)[None, None, :]                         # (BG, BB, BT)
@@ -96,8 +102,10 @@ def _rdp_loss_kernel(
             c = tl.minimum(tl.maximum(r, ro - clip), ro + clip)
             r_sum += tl.sum(r, axis=2)
             c_sum += tl.sum(c, axis=2)
+            d_sum += tl.sum(r - c, axis=2)
         R = r_sum / T
         C = c_sum / T
+        Dg = d_sum / T
 
         # pairs
         rw = tl.load(rw_ptr + gi.to(tl.int64)[:, None] * B + ib[None, :], mask=m2, other=0.0)
@@ -108,16 +116,17 @@ def _rdp_loss_kernel(
         ec = C[:, :, None] - C[:, None, :] - target
         m = e * e
         mc = ec * ec
-        pair = tl.where(valid, tl.maximum(m, mc), 0.0)
+        dec = (Dg[:, :, None] - Dg[:, None, :]) * (e + ec)                       # sign of m - mc
+        pair = tl.where(valid, tl.where(dec > 0, m, tl.where(dec < 0, mc, 0.5 * (m + mc))), 0.0)
         cnt = tl.sum(tl.sum(valid.to(tl.float32), axis=2), axis=1)               # (BG,)
         gsum = tl.sum(tl.sum(pair, axis=2), axis=1)
         part_acc += gsum / tl.maximum(cnt, 1.0)                                   # 0 for no pairs
 
         if WRITE_GRAD:
             s = tl.where(cnt > 0, inv_groups / tl.maximum(cnt, 1.0), 0.0)[:, None, None]
-            tie = tl.where(m == mc, 0.5, 0.0)
-            wa = tl.where(valid, tl.where(m > mc, 1.0, tie), 0.0) * s
-            wc = tl.where(valid, tl.where(mc > m, 1.0, tie), 0.0) * s
+            tie = tl.where(dec == 0, 0.5, 0.0)
+            wa = tl.where(valid, tl.where(dec > 0, 1.0, tie), 0.0) * s
+            wc = tl.where(valid, tl.where(dec < 0, 1.0, tie), 0.0) * s
             A = 2.0 * e * wa
             Ac = 2.0 * ec * wc
             gR = (tl.sum(A, axis=2) - tl.sum(A, axis=1)) / T                      # (BG, BB)

@@ -46,10 +46,16 @@ def _rdp_terms(log_ratios, log_ratios_old, rewards, clip_range, kl_weight):
     unclipped prediction error R_i - R_j - dr/beta (G,B,B))."""
     clipped = torch.clamp(log_ratios, log_ratios_old - clip_range, log_ratios_old + clip_range)
     total, total_clip = log_ratios.mean(dim=-1), clipped.mean(dim=-1)          # (G, B)
+    gap = (log_ratios - clipped).mean(dim=-1)                                  # (G, B): R - C
     target = (rewards[:, :, None] - rewards[:, None, :]) / kl_weight           # (G, B, B)
     err = total[:, :, None] - total[:, None, :] - target
     err_clip = total_clip[:, :, None] - total_clip[:, None, :] - target
-    return torch.maximum(err**2, err_clip**2), target > 0, clipped, err
+    # max(err^2, err_clip^2), the larger chosen by the sign of err^2 - err_clip^2 =
+    # (gap_i - gap_j)(err + err_clip): err and err_clip are ~target (1e2-1e4 with the paper's beta)
+    # and differ by ~1e-5, so in fp32 they round alike and comparing them picks a branch at random.
+    dec = ((gap[:, :, None] - gap[:, None, :]) * (err + err_clip)).detach()
+    pair = torch.where(dec > 0, err**2, torch.where(dec < 0, err_clip**2, 0.5 * (err**2 + err_clip**2)))
+    return pair, target > 0, clipped, err
 
 
 def prdp_loss_reference(log_probs, log_probs_old, log_probs_ref, rewards, clip_range, kl_weight):

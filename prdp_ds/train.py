@@ -148,7 +148,11 @@ class Trainer:
         if self.prompt_sampler.repeats_within_epoch:
             print(f"warning: train.prompts_per_epoch={self.cfg.train.prompts_per_epoch} exceeds the {len(self.prompts)} "
                   "prompts of the set: prompts repeat within an epoch", flush=True)
-        if not self.ds_config["bf16"]["enabled"]:
+        if self.ds_config["bf16"]["enabled"]:
+            print("precision: bf16 UNets (fp32 master weights and gradient sums)", flush=True)
+        elif torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            print("precision: fp32 (bf16.enabled is false in the DeepSpeed JSON)", flush=True)
+        else:
             print("precision: fp32 (no bf16-capable accelerator found)", flush=True)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         (self.output_dir / "config.yaml").write_text(config_lib.dump(self.cfg))

@@ -1,7 +1,9 @@
+from pathlib import Path
+
 import pytest
 
 from prdp_ds.config import Config
-from prdp_ds.engine import batch_arithmetic, build_ds_config
+from prdp_ds.engine import batch_arithmetic, build_ds_config, load_ds_json
 
 
 def _cfg(N=8, B=4, T=10, images_per_chunk=3, steps_per_chunk=4):
@@ -46,3 +48,12 @@ def test_agreeing_json_values_and_offload():
     ds = build_ds_config({"gradient_clipping": cfg.train.grad_clip, "bf16": {"enabled": False},
                           "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, cfg, 1)
     assert ds["bf16"]["enabled"] is False and ds["zero_force_ds_cpu_optimizer"] is False
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "ds_configs").glob("*.json")),
+                         ids=lambda p: p.stem)
+def test_shipped_ds_configs_are_accepted(path):
+    ds = build_ds_config(load_ds_json(path), _cfg(), 1, str(path))
+    assert ds["zero_optimization"]["stage"] in (2, 3)
+    if path.stem == "zero2_fp32":  # bf16 off even where the accelerator has it
+        assert ds["bf16"]["enabled"] is False

@@ -52,6 +52,29 @@ def test_matches_brute_force_loss_and_gradient(G, B, T, eps, ties):
     torch.testing.assert_close(r1.grad, r2.grad, rtol=1e-9, atol=1e-12)
 
 
+def paper_scale_inputs(G, B, T, seed):
+    """The paper's regime: beta = 3e-5, clip 1e-4, r within ~1e-4 of r_old (a few steps clipped),
+    reward gaps ~0.01, so targets ~1e2-1e3 and e, e' of a pair differ by ~1e-6: fp32 rounds them alike."""
+    gen = torch.Generator().manual_seed(seed)
+    r_old = torch.randn(G, B, T, generator=gen, dtype=torch.float64) * 1e-3
+    r = r_old + torch.randn(G, B, T, generator=gen, dtype=torch.float64) * 6e-5
+    rewards = torch.randn(G, B, generator=gen, dtype=torch.float64) * 0.01
+    return r, r_old, rewards, 1e-4, 3e-5
+
+
+@pytest.mark.parametrize("G,B,T,seed", [(1, 2, 1, 0), (3, 6, 20, 1), (2, 17, 7, 2), (4, 5, 50, 3)])
+def test_max_branch_resolved_in_fp32_at_paper_beta(G, B, T, seed):
+    """Which of e^2, e'^2 is larger is decided from R - C, not by comparing the two rounded squares:
+    the fp32 gradient matches the fp64 one (a comparison of rounded squares misses by ~10-100%)."""
+    r, r_old, rewards, eps, beta = paper_scale_inputs(G, B, T, seed)
+    r64 = r.clone().requires_grad_()
+    brute_force(r64, r_old, rewards, eps, beta).backward()
+    r32 = r.float().requires_grad_()
+    rdp_loss(r32, r_old.float(), rewards.float(), eps, beta).backward()
+    rel = (r32.grad.double() - r64.grad).abs().max() / r64.grad.abs().max()
+    assert rel < 1e-4, f"fp32 gradient off by {rel:.2e} of its scale"
+
+
 @pytest.mark.parametrize("G,B,T", [(2, 4, 3), (5, 8, 10)])
 def test_reference_on_log_probs_equals_production_on_log_ratios(G, B, T):
     r, r_old, rewards = _inputs(G, B, T, seed=7)

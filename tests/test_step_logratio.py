@@ -181,6 +181,6 @@ def test_validation_errors():
 
 def test_cpu_tensors_need_the_interpreter(monkeypatch):
     monkeypatch.setattr(sl, "INTERPRET", False)
-    eu, ec, er, xt, xp, a, b, s = make_inputs(2, (3,), seed=23)
+    eu, ec, er, xt, xp, a, b, s = (x.cpu() if isinstance(x, torch.Tensor) else x for x in make_inputs(2, (3,), seed=23))  # CPU even on a GPU machine
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         step_log_ratio_triton(eu, ec, er, xt, xp, a, b, s, W)

@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Every check that needs a CUDA GPU, in one run with a time limit per stage (so a slow stage cannot
+# starve the rest). Stages, in order (STAGES picks a subset; default all):
+#   tests  the kernel tests compiled for the GPU (and torch.clamp's subgradient at a bound, printed)
+#   world  the world trained at GPU batch sizes (PRDP and DDPO side by side, fp32: in bf16 the pixel
+#          model's log-ratios are noise, benchmarks/results/gpu_h200.md), evaluated against the base
+#   loss   the loss-kernel benchmark
+#   step   the SD1.4-size train-step benchmark, two-pass with the kernels, T = 50 (one cold run) and
+#          T = 10 (warm: second of two runs); peak memory against T
+#   naive  the same benchmark's full-graph method (largest T that fits)
+#
+#   [STAGES="tests world"] [WORLD_SECONDS=150] bash benchmarks/gpu_checks.sh OUT_DIR
+#
+# Writes OUT_DIR/all.log (everything printed), loss_kernel.json, train_step_T50.json, train_step_T10.json,
+# train_step_naive.json and world_gpu.tar.gz (the two runs' configs, metrics and sample grids, and the
+# evaluation; no checkpoints). Each world run trains for WORLD_SECONDS and is then stopped by SIGTERM,
+# on which the trainer checkpoints and exits.
+set -u
+OUT=${1:?usage: bash benchmarks/gpu_checks.sh OUT_DIR}
+PY=${PYTHON:-python3}
+WORLD_SECONDS=${WORLD_SECONDS:-150}
+STAGES=" ${STAGES:-tests world loss step naive} "
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/all.log") 2>&1
+stage() { echo; echo "=== $(date -u +%H:%M:%S) $*"; }
+wants() { [[ $STAGES == *" $1 "* ]]; }
+
+stage "environment"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+$PY -c "import torch, triton, diffusers, deepspeed, transformers, open_clip
+print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__,
+      'deepspeed', deepspeed.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())
+import kernels, prdp_ds.train, prdp_ds.evaluate" || { echo "imports failed: stopping"; exit 3; }
+
+if wants tests; then
+    stage "kernel tests on the GPU"
+    timeout 90 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_package.py tests/test_step_logratio.py \
+        tests/test_rdp_loss_kernel.py
+    $PY -c "import torch
+for dev in ('cpu', 'cuda'):
+    r = torch.tensor([0.25, 0.5, 0.75], device=dev, requires_grad=True)
+    torch.clamp(r, torch.full_like(r, 0.25), torch.full_like(r, 0.75)).sum().backward()
+    print('torch', torch.__version__, dev, 'd clamp(r, 0.25, 0.75) / dr at r = 0.25, 0.5, 0.75:', r.grad.tolist())"
+fi
+
+if wants world; then
+    stage "world at GPU batch sizes: PRDP and DDPO, ${WORLD_SECONDS}s each, side by side"
+    W=$(mktemp -d)
+    PIDS=()
+    WORLD_SET=(--preset world --set sampler.spacing=quadratic --set train.epochs=1000
+               --set train.prompts_per_epoch=18 --set train.images_per_prompt=32 --set sampler.batch_size=576
+               --set train.images_per_chunk=96 --set train.steps_per_chunk=10
+               --set output.save_every=10 --set output.sample_every=10)
+    for algo in prdp ddpo; do
+        timeout -k 30 "$WORLD_SECONDS" $PY -m prdp_ds.train --config ds_configs/zero2_fp32.json "${WORLD_SET[@]}" \
+            --set algo.name=$algo \
+            --output-dir "$W/$algo" > "$W/$algo.log" 2>&1 &
+        PIDS+=($!)
+    done
+    wait "${PIDS[@]}"  # not a bare wait: that would also wait for the tee behind the log
+    for algo in prdp ddpo; do echo "--- $algo"; tail -n 4 "$W/$algo.log"; done
+    MODELS=()
+    for algo in prdp ddpo; do
+        ckpts=($(ls -d "$W/$algo"/checkpoints/epoch_* 2>/dev/null | sort))
+        n=${#ckpts[@]}
+        (( n >= 2 )) && MODELS+=(--model "${algo}_$(basename "${ckpts[(n-1)/2]}")=${ckpts[(n-1)/2]}")
+        (( n >= 1 )) && MODELS+=(--model "${algo}_$(basename "${ckpts[n-1]}")=${ckpts[n-1]}")
+    done
+    if (( ${#MODELS[@]} )); then
+        timeout 90 $PY -m prdp_ds.evaluate --preset world --spacing quadratic --seed 0 "${MODELS[@]}" \
+            --prompts world_small --samples 32 --batch-size 576 --output-dir "$W/eval" \
+            --reward "{world_alignment: 1.0, world_judge: 0.0, world_aesthetic: 0.0}"
+    fi
+    tar -czf "$OUT/world_gpu.tar.gz" -C "$W" --exclude checkpoints --exclude tensorboard --exclude partial .
+fi
+
+if wants loss; then
+    stage "loss-kernel benchmark"
+    timeout 130 $PY benchmarks/loss_kernel.py --gxb 64x8,8x8 --dsweep 65536 --json "$OUT/loss_kernel.json"
+fi
+
+if wants step; then
+    for T in 50 10; do
+        stage "train-step benchmark, SD1.4 UNet, two-pass with the kernels, T = $T"
+        timeout 120 $PY benchmarks/train_step.py --unet sd14 --T $T --methods triton --repeats $((T > 10 ? 1 : 2)) \
+            --json "$OUT/train_step_T$T.json"
+    done
+fi
+
+if wants naive; then
+    stage "train-step benchmark, SD1.4 UNet, full-graph backprop (largest T that fits)"
+    timeout 150 $PY benchmarks/train_step.py --unet sd14 --methods naive --json "$OUT/train_step_naive.json"
+fi
+stage "done"
