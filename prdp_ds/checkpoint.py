@@ -12,7 +12,8 @@ Layout: OUTPUT_DIR/checkpoints/epoch_XXXX[_stepK]/ holding
                         or prdp_ds.lora.load_adapter
   config.yaml           the resolved training config
   trainer_state.json    epoch, optimizer steps taken within it, counters (written last)
-  rollout_rankR.safetensors  only for a mid-epoch (SIGTERM) checkpoint: that rank's trajectories
+  rollout_rankR.safetensors  only for a mid-epoch (SIGTERM) checkpoint: that rank's trajectories,
+                        rewards and reward components
 Everything is written under NAME.tmp and renamed when complete; checkpoints/latest names the
 newest complete one. Directories ending in .tmp (a killed save) are ignored on resume.
 """
@@ -51,7 +52,7 @@ def save_unet(unet, directory, save_merged_unet=False):
 
 def save_checkpoint(engine, cfg, output_dir, state, rank, rollout=None):
     """Collective: every rank calls it. state: JSON-able dict with 'epoch' and 'step_in_epoch'.
-    rollout: (Trajectories, rewards (G, B)) of this rank for a mid-epoch checkpoint."""
+    rollout: (Trajectories, rewards (G, B), reward components) of this rank for a mid-epoch checkpoint."""
     import deepspeed
     root = Path(output_dir) / "checkpoints"
     name = checkpoint_name(state["epoch"], state["step_in_epoch"], cfg.train.steps_per_epoch)

@@ -233,8 +233,7 @@ def evaluate(args, models_arg, sets, rank, world, device):
     if isinstance(plan[0], str):
         raise SettingsMismatch(plan[0])
     pending = plan[0]
-    base = load_models(args.base, args.base_seed)
-    base.ref_unet = None  # evaluation samples without the reference log-probs: do not hold a second UNet
+    base = load_models(args.base, args.base_seed, reference=False)  # sampling needs no reference UNet
     for m in (base.unet, base.vae, base.text_encoder):
         _place(m, device)
     base_unet, current = base.unet, None

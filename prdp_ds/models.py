@@ -60,7 +60,8 @@ class HFTokenizer:
 @dataclass
 class Models:
     unet: torch.nn.Module          # the policy, trainable
-    ref_unet: torch.nn.Module      # frozen copy of the initial UNet (pi_ref), or with LoRA an AdaptersDisabled view
+    ref_unet: torch.nn.Module      # frozen copy of the initial UNet (pi_ref), with LoRA an AdaptersDisabled view,
+                                   # None when loaded with reference=False (evaluation samples without it)
     vae: torch.nn.Module           # frozen
     text_encoder: torch.nn.Module  # frozen
     tokenizer: object              # prompts -> (n, L) token ids
@@ -86,7 +87,7 @@ class Models:
         from prdp_ds.lora import AdaptersDisabled
         self.unet.to(device)
         for m in (self.ref_unet, self.vae, self.text_encoder):
-            if not isinstance(m, AdaptersDisabled):
+            if m is not None and not isinstance(m, AdaptersDisabled):
                 m.to(device=device, dtype=frozen_dtype or next(m.parameters()).dtype)
         return self
 
@@ -112,6 +113,11 @@ def _freeze(module):
     return module.eval()
 
 
+def reference_copy(unet, reference=True):
+    """The frozen reference UNet (a copy of the initial policy), or None when reference=False."""
+    return _freeze(copy.deepcopy(unet)) if reference else None
+
+
 def make_scheduler(config=None):
     """A DDIM scheduler (SD v1.4's schedule unless `config` is given), refusing what SPEC §2
     cannot express: x0 clipping, thresholding and non-epsilon predictions."""
@@ -127,7 +133,7 @@ def make_scheduler(config=None):
 TINY = dict(resolution=32, latent_channels=4, text_dim=32, context_length=16)
 
 
-def build_tiny(seed=0):
+def build_tiny(seed=0, reference=True):
     """Tiny SD-shaped models with seeded random weights: 32x32 images, 4x8x8 latents."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -144,12 +150,12 @@ def build_tiny(seed=0):
         text_encoder = CLIPTextModel(CLIPTextConfig(
             vocab_size=49408, hidden_size=TINY["text_dim"], intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, max_position_embeddings=TINY["context_length"]))
-    return Models(unet=unet, ref_unet=_freeze(copy.deepcopy(unet)), vae=_freeze(vae),
+    return Models(unet=unet, ref_unet=reference_copy(unet, reference), vae=_freeze(vae),
                   text_encoder=_freeze(text_encoder),
                   tokenizer=OpenClipTokenizer(TINY["context_length"]), scheduler=make_scheduler())
 
 
-def load_pretrained(source):
+def load_pretrained(source, reference=True):
     """Stable Diffusion v1.x parts from a local diffusers folder (or a hub id, online only)."""
     from transformers import CLIPTextModel, CLIPTokenizer
     try:
@@ -165,13 +171,14 @@ def load_pretrained(source):
             "(e.g. CompVis/stable-diffusion-v1-4, downloaded where there is network). Put it on this "
             "machine and set model.pretrained=/path/to/that/folder; hub ids only work online.") from err
     scheduler = make_scheduler({**SD14_SCHEDULER, **{k: v for k, v in scheduler_config.items() if k in SD14_SCHEDULER}})
-    return Models(unet=unet, ref_unet=_freeze(copy.deepcopy(unet)), vae=_freeze(vae),
+    return Models(unet=unet, ref_unet=reference_copy(unet, reference), vae=_freeze(vae),
                   text_encoder=_freeze(text_encoder), tokenizer=HFTokenizer(tokenizer), scheduler=scheduler)
 
 
-def load_models(source, seed=0):
-    """`source` is 'tiny', 'world' (or 'world:WEIGHTS_DIR'), or a Stable Diffusion folder / hub id."""
+def load_models(source, seed=0, reference=True):
+    """`source` is 'tiny', 'world' (or 'world:WEIGHTS_DIR'), or a Stable Diffusion folder / hub id.
+    reference=False builds no reference UNet (ref_unet None): no second copy is ever made."""
     if source == "world" or source.startswith("world:"):  # the pretrained synthetic world (prdp_ds/world)
         from prdp_ds.world.model import build_world_models
-        return build_world_models(None if source == "world" else source[len("world:"):])
-    return build_tiny(seed) if source == "tiny" else load_pretrained(source)
+        return build_world_models(None if source == "world" else source[len("world:"):], reference=reference)
+    return build_tiny(seed, reference) if source == "tiny" else load_pretrained(source, reference)

@@ -58,14 +58,13 @@ class OfflineDataset:
 
     def build(self, epochs, rollout_fn):
         """Sample and score every epoch's rollout that is not on disk yet. rollout_fn(epoch) ->
-        (Trajectories, rewards (G, B)), drawn from the reference model."""
+        (Trajectories, rewards (G, B), reward components), drawn from the reference model."""
         self.check_meta()
         if dist.is_initialized():
             dist.barrier()  # rank 0 made the folder
         missing = [e for e in range(epochs) if not self.path(e).is_file()]
         for epoch in tqdm(missing, disable=self.rank != 0 or not missing, desc="offline dataset", dynamic_ncols=True):
-            traj, rewards = rollout_fn(epoch)
-            save_rollout(self.path(epoch), traj, rewards)
+            save_rollout(self.path(epoch), *rollout_fn(epoch))
         if dist.is_initialized():
             dist.barrier()
 

@@ -186,21 +186,24 @@ def sample(models, prompts, seeds, num_steps, guidance_scale, eta=1.0, batch_siz
                         shape(r_old), sched, shape(images))
 
 
-def save_rollout(path, traj, rewards):
-    """One rank's trajectories and rewards (G, B) -> safetensors file, written under a .tmp name and
-    renamed. eps_ref is stored once when it is eps_old (a rollout of the reference itself)."""
+def save_rollout(path, traj, rewards, parts=None):
+    """One rank's trajectories, rewards (G, B) and reward components ({name: (G*B,)}, logged per
+    component) -> safetensors file, written under a .tmp name and renamed. eps_ref is stored once when
+    it is eps_old (a rollout of the reference itself)."""
     from safetensors.torch import save_file
     path = Path(path)
     shared = traj.eps_ref is traj.eps_old
     tensors = {f: getattr(traj, f).contiguous().cpu() for f in ROLLOUT_FIELDS if not (shared and f == "eps_ref")}
     tmp = path.with_name(path.name + ".tmp")
-    save_file({**tensors, "rewards": rewards.contiguous().cpu()}, str(tmp),
+    components = {f"reward/{name}": v.reshape(-1).contiguous().cpu() for name, v in (parts or {}).items()}
+    save_file({**tensors, **components, "rewards": rewards.contiguous().cpu()}, str(tmp),
               metadata={"prompts": json.dumps(traj.prompts), "eps_ref_is_eps_old": json.dumps(shared)})
     os.replace(tmp, path)
 
 
 def load_rollout(path, schedule, device):
-    """The inverse of save_rollout -> (Trajectories, rewards (G, B)) on `device`."""
+    """The inverse of save_rollout -> (Trajectories, rewards (G, B), reward components) on `device`
+    (no components in a file written before they were stored)."""
     from safetensors import safe_open
     with safe_open(str(path), "pt", device=str(device)) as f:
         meta = f.metadata()
@@ -208,4 +211,5 @@ def load_rollout(path, schedule, device):
     if json.loads(meta.get("eps_ref_is_eps_old", "false")):
         t["eps_ref"] = t["eps_old"]
     traj = Trajectories(prompts=json.loads(meta["prompts"]), schedule=schedule, **{f: t[f] for f in ROLLOUT_FIELDS})
-    return traj, t["rewards"]
+    parts = {name[len("reward/"):]: v for name, v in t.items() if name.startswith("reward/")}
+    return traj, t["rewards"], parts

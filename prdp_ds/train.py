@@ -218,7 +218,7 @@ class Trainer:
                 self.say(f"SIGTERM: checkpointing epoch {epoch} after step {k} and exiting")
                 state = self.state(epoch, k, tracker_before if self.tracker is not None else None)
                 save_checkpoint(self.engine, cfg, self.output_dir, state, self.rank,
-                                rollout=(traj, rewards) if self.offline is None else None)
+                                rollout=(traj, rewards, parts) if self.offline is None else None)
                 raise SystemExit(0)
         train_s = time.perf_counter() - start
         all_rewards = _gather(rewards.reshape(-1))
@@ -283,14 +283,14 @@ class Trainer:
         self.announce()
         if self.offline is not None:
             self.say(f"offline mode: rollouts of the reference model in {self.offline.dir}")
-            self.offline.build(cfg.train.epochs, lambda e: self.rollout(e, from_reference=True)[:2])
+            self.offline.build(cfg.train.epochs, lambda e: self.rollout(e, from_reference=True)[:3])
         bar = tqdm(range(start_epoch, cfg.train.epochs), disable=self.rank != 0, desc="epochs", dynamic_ncols=True)
         for epoch in bar:
             if rollout is not None:
-                (traj, rewards), parts, sample_s = rollout, {}, 0.0
+                (traj, rewards, parts), sample_s = rollout, 0.0
                 rollout = None
             elif self.offline is not None:
-                (traj, rewards), parts, sample_s = self.offline.load(epoch, self.schedule, self.device), {}, 0.0
+                (traj, rewards, parts), sample_s = self.offline.load(epoch, self.schedule, self.device), 0.0
                 first_k = first_k if epoch == start_epoch else 0
             else:
                 traj, rewards, parts, sample_s = self.rollout(epoch)

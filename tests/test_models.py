@@ -55,6 +55,30 @@ def test_load_pretrained_round_trip(tmp_path):
     torch.testing.assert_close(loaded.encode_prompts(prompts), tiny.encode_prompts(prompts))
 
 
+@pytest.mark.parametrize("source", ["tiny", "world", "sd_folder"])
+def test_reference_false_makes_no_copy(tmp_path, monkeypatch, source):
+    """Evaluation loads with reference=False: no reference UNet, and no deep copy of the UNet is made
+    (at SD size that copy is 3.4 GB of host memory)."""
+    import prdp_ds.world  # noqa: F401  (registers the world)
+    if source == "sd_folder":
+        _save_as_sd_folder(build_tiny(3), tmp_path)
+        source = str(tmp_path)
+    import copy
+
+    from diffusers import UNet2DConditionModel
+    real = copy.deepcopy
+
+    def no_unet_copies(obj, *args, **kwargs):
+        assert not isinstance(obj, UNet2DConditionModel), "the UNet was copied"
+        return real(obj, *args, **kwargs)
+    monkeypatch.setattr(copy, "deepcopy", no_unet_copies)
+    m = load_models(source, reference=False)
+    assert m.ref_unet is None
+    m.to("cpu", frozen_dtype=torch.bfloat16)                   # moving skips the missing reference
+    assert next(m.vae.parameters()).dtype == torch.bfloat16
+    assert next(m.unet.parameters()).dtype == torch.float32
+
+
 def test_missing_weights_say_where_to_put_them(tmp_path):
     with pytest.raises(ModelLoadError, match=r"(?s)model.pretrained=.*unet, vae, text_encoder, tokenizer, scheduler"):
         load_pretrained(str(tmp_path / "nowhere"))

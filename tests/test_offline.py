@@ -23,8 +23,12 @@ def test_offline_dataset_is_the_references_rollouts_and_training_takes_the_onlin
     assert [r["steps_applied"] for r in rows] == [2, 2, 2]
     online = tmp_path / "online"
     run(["--output-dir", str(online), *SMALL, "--set", "train.epochs=1"])
-    # epoch 0 of both is sampled from theta = ref with the same prompts and seeds: the same rewards
+    # epoch 0 of both is sampled from theta = ref with the same prompts and seeds: the same rewards,
+    # and the dataset stores the reward components, so they are logged offline too
     assert metrics(online)[0]["reward_mean"] == rows[0]["reward_mean"]
+    components = [k for k in metrics(online)[0] if k.startswith("reward/")]
+    assert components and all(metrics(online)[0][k] == rows[0][k] for k in components)
+    assert all(k in r for r in rows for k in components)
     assert rows[1]["kl"] != 0.0  # pass 1 ran at theta != ref
 
 

@@ -8,7 +8,6 @@ Weights (from `python -m prdp_ds.world.pretrain`) live in prdp_ds/world/weights 
 (stored in fp16 to keep the folder small, loaded as fp32); `build_world_models()` loads them when
 present, `build_world_models(weights=False)` gives seeded random weights.
 """
-import copy
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,7 +15,8 @@ from types import SimpleNamespace
 import torch
 from diffusers import UNet2DConditionModel
 
-from prdp_ds.models import SD14_SCHEDULER, ModelLoadError, Models, OpenClipTokenizer, _freeze, make_scheduler
+from prdp_ds.models import (SD14_SCHEDULER, ModelLoadError, Models, OpenClipTokenizer, _freeze, make_scheduler,
+                            reference_copy)
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 CONTEXT_LENGTH = 24
@@ -97,17 +97,17 @@ def load_parts(weights):
     return unet, text_encoder
 
 
-def build_world_models(weights=None, seed=0):
+def build_world_models(weights=None, seed=0, reference=True):
     """prdp_ds.models.Models for the world.
 
     weights: a folder with unet/text_encoder safetensors; None -> the shipped prdp_ds/world/weights;
-    False -> seeded random weights (seed)."""
+    False -> seeded random weights (seed). reference=False: no reference UNet (ref_unet None)."""
     if weights is False:
         unet, text_encoder = new_parts(seed)
     else:
         unet, text_encoder = load_parts(WEIGHTS_DIR if weights is None else weights)
     unet.train()
-    return Models(unet=unet, ref_unet=_freeze(copy.deepcopy(unet)), vae=_freeze(PixelVAE()),
+    return Models(unet=unet, ref_unet=reference_copy(unet, reference), vae=_freeze(PixelVAE()),
                   text_encoder=_freeze(text_encoder), tokenizer=OpenClipTokenizer(CONTEXT_LENGTH),
                   scheduler=make_scheduler(SCHEDULER))
 
