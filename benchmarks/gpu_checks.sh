@@ -69,7 +69,7 @@ if wants world; then
     done
     if (( ${#MODELS[@]} )); then
         timeout 90 $PY -m prdp_ds.evaluate --preset world --spacing quadratic --seed 0 "${MODELS[@]}" \
-            --prompts world_small --samples 32 --batch-size 576 --output-dir "$W/eval" \
+            --prompts world_small --samples 32 --batch-size 576 --precision fp32 --output-dir "$W/eval" \
             --reward "{world_alignment: 1.0, world_judge: 0.0, world_aesthetic: 0.0}"
     fi
     tar -czf "$OUT/world_gpu.tar.gz" -C "$W" --exclude checkpoints --exclude tensorboard --exclude partial .

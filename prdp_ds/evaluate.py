@@ -46,6 +46,7 @@ from prdp_ds.sampler import SPACINGS, image_seeds, sample
 
 EVAL_EPOCH = 2**31 - 2  # evaluation seeds as if from this epoch id: neither a training epoch nor the training grid's
 NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
+PRECISIONS = ("auto", "fp32", "bf16")  # --precision choices
 GRID_TILE = 128  # pixels per grid image
 FROM_CONFIG = {"base": "model.pretrained", "base_seed": "model.seed", "num_steps": "sampler.num_steps",
                "guidance_scale": "sampler.guidance_scale", "eta": "sampler.eta", "spacing": "sampler.spacing",
@@ -75,6 +76,9 @@ def parse_args(argv=None):
     p.add_argument("--eta", type=float)
     p.add_argument("--spacing", choices=SPACINGS, help="DDIM timestep spacing (default: sampler.spacing)")
     p.add_argument("--batch-size", type=int, help="images per sampler call")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="dtype of the models: auto = bf16 on a bf16-capable GPU (as training samples there), else "
+                        "fp32; fp32 for models trained with bf16 off (ds_configs/zero2_fp32.json)")
     p.add_argument("--seed", type=int, help="base seed of the evaluation noise (default: train.seed)")
     p.add_argument("--prompts-per-unit", type=int, default=8, help="prompts per resumable unit of work")
     p.add_argument("--grid-prompts", type=int, default=4)
@@ -143,7 +147,7 @@ def make_settings(args, models, sets):
     s = {k: getattr(args, k) for k in ("base", "base_seed", "template", "max_prompts", "reward", "samples",
                                         "num_steps", "guidance_scale", "eta", "spacing", "batch_size", "seed",
                                         "prompts_per_unit", "grid_prompts", "grid_samples")}
-    s.update(precision=str(_dtype()).replace("torch.", ""), eval_epoch=EVAL_EPOCH,
+    s.update(precision=str(_dtype(args.precision)).replace("torch.", ""), eval_epoch=EVAL_EPOCH,
              models={name: {"kind": kind, "path": path} for name, kind, path in models},
              prompt_sets={name: {"num_prompts": len(p), "sha256": hashlib.sha256(json.dumps(p).encode()).hexdigest()}
                           for name, p in sets.items()})
@@ -171,13 +175,15 @@ def _write(path, writer):
     os.replace(tmp, path)
 
 
-def _dtype():
-    """The evaluation dtype: bf16 on a bf16-capable GPU (as training samples there), else fp32."""
-    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+def _dtype(precision):
+    """--precision -> the evaluation dtype; auto: bf16 on a bf16-capable GPU (as training samples there), else fp32."""
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
 
 
-def _place(module, device):
-    module = module.to(device) if _dtype() == torch.float32 else module.to(device, _dtype())
+def _place(module, device, dtype):
+    module = module.to(device) if dtype == torch.float32 else module.to(device, dtype)
     return module.eval().requires_grad_(False)
 
 
@@ -234,8 +240,9 @@ def evaluate(args, models_arg, sets, rank, world, device):
         raise SettingsMismatch(plan[0])
     pending = plan[0]
     base = load_models(args.base, args.base_seed, reference=False)  # sampling needs no reference UNet
+    dtype = _dtype(args.precision)
     for m in (base.unet, base.vae, base.text_encoder):
-        _place(m, device)
+        _place(m, device, dtype)
     base_unet, current = base.unet, None
     bar = tqdm(total=len(pending), desc="units", disable=rank != 0, dynamic_ncols=True)
     for start in range(0, len(pending), world):  # one round: a unit per rank, rank 0 saves them
@@ -245,7 +252,7 @@ def evaluate(args, models_arg, sets, rank, world, device):
             if mine is not None:
                 model, s, lo, hi = mine
                 if model != current:
-                    base.unet = base_unet if model[0] == "base" else _place(load_unet(model, base_unet), device)
+                    base.unet = base_unet if model[0] == "base" else _place(load_unet(model, base_unet), device, dtype)
                     current = model
                 result = run_unit(base, reward_fn, sets[s][lo:hi], list(range(lo, hi)), args)
         except Exception as err:  # noqa: BLE001  every rank must learn of it, or the others wait forever

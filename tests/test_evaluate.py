@@ -81,7 +81,8 @@ def test_rerun_resumes_identically_and_other_settings_are_refused(tmp_path, unet
     for changed, named in (([*model, "--num-steps", "4"], "num_steps: recorded 3, now 4"),
                            ([*model, "--reward", "{brightness: 1.0}"], "reward"),
                            (["--model", f"ft={unets / 'folder'}"], "models.ft"),
-                           ([*model, "--max-prompts", "5"], "max_prompts")):
+                           ([*model, "--max-prompts", "5"], "max_prompts"),
+                           ([*model, "--precision", "bf16"], "precision: recorded 'float32', now 'bfloat16'")):
         with pytest.raises(SystemExit, match="other settings") as err:
             evaluate.main([*FAST, "--output-dir", str(tmp_path), *changed])
         assert named in str(err.value)
