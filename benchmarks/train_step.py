@@ -322,8 +322,8 @@ def main():
             f"{fmt(r['mem_mb'], '9.0f')}  {r['status']}")
     say(f"images per rank per step: {n}; img/s = {n} / seconds; peak memory: "
         + ("torch.cuda.max_memory_allocated per phase" if CUDA else "process max RSS so far (not per phase)"))
-    if args.json and rank == 0:
-        write_json()
+    write_json()
+    if args.json:
         say(f"wrote {args.json}")
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

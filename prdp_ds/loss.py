@@ -51,8 +51,8 @@ def _rdp_terms(log_ratios, log_ratios_old, rewards, clip_range, kl_weight):
     err = total[:, :, None] - total[:, None, :] - target
     err_clip = total_clip[:, :, None] - total_clip[:, None, :] - target
     # max(err^2, err_clip^2), the larger chosen by the sign of err^2 - err_clip^2 =
-    # (gap_i - gap_j)(err + err_clip): err and err_clip are ~target (1e2-1e4 with the paper's beta)
-    # and differ by ~1e-5, so in fp32 they round alike and comparing them picks a branch at random.
+    # (gap_i - gap_j)(err + err_clip): with the paper's beta err and err_clip reach ~1e3 and differ by
+    # ~1e-6 to 1e-5, so in fp32 they mostly round alike and comparing them picks a branch by rounding.
     dec = ((gap[:, :, None] - gap[:, None, :]) * (err + err_clip)).detach()
     pair = torch.where(dec > 0, err**2, torch.where(dec < 0, err_clip**2, 0.5 * (err**2 + err_clip**2)))
     return pair, target > 0, clipped, err

@@ -58,7 +58,7 @@ def test_load_pretrained_round_trip(tmp_path):
 @pytest.mark.parametrize("source", ["tiny", "world", "sd_folder"])
 def test_reference_false_makes_no_copy(tmp_path, monkeypatch, source):
     """Evaluation loads with reference=False: no reference UNet, and no deep copy of the UNet is made
-    (at SD size that copy is 3.4 GB of host memory)."""
+    (at SD size 860 M fp32 parameters: 3.4 GB of host memory)."""
     import prdp_ds.world  # noqa: F401  (registers the world)
     if source == "sd_folder":
         _save_as_sd_folder(build_tiny(3), tmp_path)
