@@ -2,8 +2,9 @@
 # Every check that needs a CUDA GPU, in one run with a time limit per stage (so a slow stage cannot
 # starve the rest). Stages, in order (STAGES picks a subset; default all):
 #   tests  the kernel tests compiled for the GPU (and torch.clamp's subgradient at a bound, printed)
-#   world  the world trained at GPU batch sizes (PRDP and DDPO side by side, fp32: in bf16 the pixel
-#          model's log-ratios are noise, benchmarks/results/gpu_h200.md), evaluated against the base
+#   world  the world trained at GPU batch sizes (PRDP and DDPO side by side, fp32: in bf16 the world's
+#          log-ratios were noise, measured on its pixel model, benchmarks/results/gpu_h200.md), evaluated
+#          against the base
 #   loss   the loss-kernel benchmark
 #   step   the SD1.4-size train-step benchmark, two-pass with the kernels, T = 50 (one cold run) and
 #          T = 10 (warm: second of two runs); peak memory against T

@@ -75,6 +75,7 @@ def main():
     p.add_argument("--beta", type=float, default=0.05)
     p.add_argument("--rewards", nargs="+", default=["world_alignment", "world_aesthetic"])
     p.add_argument("--spacing", nargs="+", default=["uniform", "quadratic"])
+    p.add_argument("--model", default="world", help="model.pretrained: world, or world:WEIGHTS_DIR")
     p.add_argument("--json")
     args = p.parse_args()
     if args.batches < 3:
@@ -82,7 +83,7 @@ def main():
     device = cpu_name()
     meta = run_meta("benchmarks/grad_snr.py", device)
     print(f"# device: {device}")
-    models = load_models("world")
+    models = load_models(args.model)
     all_prompts = world_small_prompts()
     out = {"meta": meta, "args": vars(args), "results": {}}
     for reward in args.rewards:

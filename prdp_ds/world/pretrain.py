@@ -2,7 +2,7 @@
 
     python -m prdp_ds.world.pretrain --out prdp_ds/world/weights --minutes 25 --seed 0
 
-Standard epsilon-prediction diffusion loss on [-1, 1] images, classifier-free guidance dropout
+Standard epsilon-prediction diffusion loss on the scenes' latents (model.PooledVAE.encode), classifier-free guidance dropout
 (an empty caption 10% of the time), AdamW with warmup and a cosine decay over the budget (minutes or
 steps), EMA weights (saved). Writes unet/text_encoder safetensors (fp16), training.json (command,
 seed, steps, losses, date, machine), README.md and loss.png into --out.
@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from prdp_ds.world import scenes
-from prdp_ds.world.model import (CONTEXT_LENGTH, SCHEDULER, config_dict, count_params, load_parts, make_scheduler, new_parts,
-                                 save_parts)
+from prdp_ds.world.model import (CONTEXT_LENGTH, SCHEDULER, PooledVAE, config_dict, count_params, load_parts,
+                                 make_scheduler, new_parts, save_parts)
 from prdp_ds.models import OpenClipTokenizer
 
 
@@ -72,7 +72,7 @@ def train(out=None, minutes=None, steps=None, seed=0, batch_size=32, lr=1e-3, wa
         caps = scenes.captions(labels, seed=[seed, step])
         drop = torch.rand(batch_size, generator=g) < cfg_dropout
         caps = ["" if d else c for c, d in zip(caps, drop.tolist())]
-        x0 = images * 2 - 1
+        x0 = PooledVAE.encode(images)
         t = torch.randint(0, T, (batch_size,), generator=g)
         noise = torch.randn(x0.shape, generator=g)
         a = abar[t].view(-1, 1, 1, 1)
