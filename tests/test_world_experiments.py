@@ -18,6 +18,18 @@ def test_every_arm_resolves(name):
             assert cfg.train.seed == 3 and (cfg.train.epochs == 1) == quick
 
 
+def test_e2_per_prompt_arm_uses_each_prompts_own_statistics():
+    """E2 compares DDPO with and without per-prompt normalization; with the tracker's min_count above the images a
+    prompt gets, the per-prompt arm would fall back to batch statistics: the ablation itself (seen in a first run,
+    where the two arms matched to the last digit)."""
+    for arm, per_prompt in (("ddpo", True), ("ddpo_no_norm", False)):
+        preset, overrides = ex.arm_overrides(ex.EXPERIMENTS["E2"], arm, 0, False)
+        cfg = config_lib.resolve(preset, None, overrides)
+        assert cfg.algo.name == "ddpo" and cfg.ddpo.per_prompt_norm == per_prompt
+        if per_prompt:
+            assert cfg.ddpo.min_count <= cfg.train.images_per_prompt
+
+
 @pytest.mark.parametrize("name", list(ex.EXPERIMENTS))
 def test_quick_experiment_writes_finite_results(name, tmp_path, world):
     out = tmp_path / name
