@@ -4,7 +4,8 @@ CLIPTextModel, the offline CLIP BPE tokenizer and a DDIM scheduler, packaged as 
 The latent space is fixed, not learned (`PooledVAE`): a latent is the 32x32 scene in [-1, 1]
 average-pooled 2x2 (3x16x16), and decoding upsamples it bilinearly back to 32x32 (Models.decode then
 maps [-1, 1] to [0, 1] as for Stable Diffusion). The classifier reads such round trips of fresh scenes
-with the same accuracy as the renders (1.000 on every attribute, 2,000 scenes). Why a latent space at
+as well as the renders (1.000 on every attribute, 2,000 scenes, a one-off check; tests/test_world.py
+asserts > 0.98). Why a latent space at
 all: a trajectory's log-probability is a sum over its latent dimensions, so the policy-gradient noise
 per image grows with them, while what the rewards see (colour, shape, size, position) fits in 16x16;
 the UNet is also 4x cheaper per call there.
@@ -23,6 +24,7 @@ from diffusers import UNet2DConditionModel
 
 from prdp_ds.models import (SD14_SCHEDULER, ModelLoadError, Models, OpenClipTokenizer, _freeze, make_scheduler,
                             reference_copy)
+from prdp_ds.world.scenes import RES
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 CONTEXT_LENGTH = 24
@@ -32,8 +34,8 @@ TEXT_DIM = 32
 # alpha_bar = 0.0047 and so leaks the image's mean colour into x_T. The DDIM/PRDP settings are SD's.
 SCHEDULER = {**SD14_SCHEDULER, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}
 LATENT_FACTOR = 2   # pixels per latent cell along each side
-UNET = dict(sample_size=32 // LATENT_FACTOR, in_channels=3, out_channels=3, block_out_channels=(32, 64, 64), layers_per_block=1,
-            # cross-attention (text) at 8x8 and in the mid block only: ~1.5x cheaper than also at 16x16
+UNET = dict(sample_size=RES // LATENT_FACTOR, in_channels=3, out_channels=3, block_out_channels=(32, 64, 64), layers_per_block=1,
+            # cross-attention (text) at 4x4 (the 16x16 latent halved twice) and in the mid block only
             down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
             cross_attention_dim=TEXT_DIM, attention_head_dim=8, norm_num_groups=8)
