@@ -27,7 +27,8 @@ class SamplerConfig:
     num_steps: int = 50          # T, DDIM steps per trajectory
     guidance_scale: float = 5.0  # w, classifier-free guidance scale
     eta: float = 1.0             # DDIM eta (policy std scale); must be > 0
-    spacing: str = "uniform"     # DDIM timesteps: 'uniform' (the scheduler's own) or 'quadratic' (more steps near t = 0)
+    spacing: str = "uniform"     # DDIM timesteps: 'uniform' (the scheduler's own), 'quadratic' (more steps near t = 0)
+                                 # or 'logsnr' (uniform in log-SNR: every step's |b|/sigma alike; sampler.ddim_timesteps)
     batch_size: int = 16         # images per UNet call while sampling (the CFG batch is twice that)
 
 
@@ -110,7 +111,7 @@ class ConfigError(ValueError):
 
 CHOICES = {"loss.reduction": ("sum", "mean"), "loss.impl": ("auto", "torch", "triton"), "algo.name": ("prdp", "ddpo"),
            "prompts.over_length": ("truncate", "drop"), "ddpo.reduction": ("sum", "mean"),
-           "sampler.spacing": ("uniform", "quadratic")}
+           "sampler.spacing": ("uniform", "quadratic", "logsnr")}
 
 
 def _check_value(key, value, typ):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from prdp_ds.logratio import gaussian_log_prob
-from prdp_ds.models import build_tiny
+from prdp_ds.models import build_tiny, make_scheduler
 from prdp_ds.sampler import cfg_predict, ddim_timesteps, image_noise, image_seeds, sample, step_schedule
 
 W = 5.0
@@ -102,7 +102,30 @@ def test_quadratic_spacing_refuses_more_steps_than_it_can_place(models):
         ddim_timesteps(models.scheduler, 501, "quadratic")
 
 
-@pytest.mark.parametrize("spacing", ["uniform", "quadratic"])
+@pytest.mark.parametrize("T", [1, 2, 7, 10, 33, 500])
+def test_logsnr_spacing_is_descending_from_the_top_and_uniform_in_log_snr(models, T):
+    ts = ddim_timesteps(models.scheduler, T, "logsnr")
+    assert len(ts) == T == len(set(ts.tolist())) and ts.tolist() == sorted(ts.tolist(), reverse=True)
+    assert ts[0] == 999 and ts[-1] >= 1
+    if 2 < T <= 33:  # where rounding to whole timesteps leaves the log-SNR gaps alike
+        abar = models.scheduler.alphas_cumprod.double()
+        gaps = (abar[ts] / (1 - abar[ts])).log().diff()
+        assert (gaps > 0).all() and gaps.max() < 1.6 * gaps.min(), gaps
+
+
+def test_logsnr_spacing_evens_out_the_step_sensitivity_on_the_world_schedule():
+    """|b| / sigma weighs a step's log-ratio on the model's output: on the world's linear schedule at T = 10
+    uniform steps put 23.3 at the step into t = 1 (about 2 elsewhere); log-SNR steps give 2.5-2.8 at all but the
+    last (1.1)."""
+    from prdp_ds.world.model import SCHEDULER
+    sch = make_scheduler(SCHEDULER)
+    ratio = lambda spacing: (lambda s: s.b.abs() / s.sigma)(step_schedule(sch, 10, 1.0, spacing))  # noqa: E731
+    assert ratio("uniform").max() > 20
+    even = ratio("logsnr")
+    assert even.max() < 3 and even[:-1].min() > 2.4
+
+
+@pytest.mark.parametrize("spacing", ["uniform", "quadratic", "logsnr"])
 def test_trajectory_matches_an_fp64_ddim_loop_over_its_own_timesteps(models, spacing):
     """x_{t-1} = sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev - sigma^2) eps_hat + sigma z, with ab_prev that of
     the next timestep of the sequence (the last step: final_alpha_cumprod), computed here in fp64."""

@@ -95,6 +95,12 @@ def test_pretrain_loss_falls(tmp_path):
     assert {"unet.safetensors", "text_encoder.safetensors", "training.json", "loss.png"} <= {p.name for p in tmp_path.iterdir()}
 
 
+def test_pretrain_refuses_a_high_noise_weight_below_one():
+    from prdp_ds.world.pretrain import train
+    with pytest.raises(ValueError, match="high_noise_weight must be >= 1, got 0.5"):
+        train(steps=1, high_noise_weight=0.5, progress=False)
+
+
 needs_weights = pytest.mark.skipif(not (WEIGHTS_DIR / "unet.safetensors").is_file(), reason="no shipped world weights")
 needs_classifier = pytest.mark.skipif(not (WEIGHTS_DIR / "classifier.safetensors").is_file(),
                                       reason="no shipped world classifier")
@@ -113,6 +119,32 @@ def test_shipped_weights_load_and_sample():
     assert traj.images.shape == (1, 2, 3, 32, 32) and torch.isfinite(traj.images).all()
     assert torch.isfinite(traj.log_ratio_old).all()
     assert all(torch.equal(a, b) for a, b in zip(models.unet.state_dict().values(), models.ref_unet.state_dict().values()))
+
+
+@needs_weights
+@needs_classifier
+@pytest.mark.parametrize("attribute, template, least", [
+    ("colour", "a large {} square", 0.9), ("shape", "a large blue {}", 0.9), ("size", "a {} red circle", 0.9),
+    ("background", "a green triangle on a {} background", 0.9), ("position", "a large yellow circle in the {}", 0.3)])
+def test_shipped_model_follows_each_attribute_word(attribute, template, least):
+    """Prompts that differ in one attribute word only, 8 samples each (20 DDIM steps, guidance 3): the judge
+    reads the stated value at least `least` of the time (measured 2026-11-30: 1.00 for colour, shape, size and
+    background, 0.42 for position, whose chance is 0.20). Pretrained with the plain eps-MSE, the model ignored
+    the background and position words (0.44 and 0.18 here); pretrain.py's high-noise loss weight taught them."""
+    from prdp_ds.sampler import sample
+    from prdp_ds.world.classifier import load_classifier, predict
+    from prdp_ds.world.model import build_world_models
+    models = build_world_models(reference=False)
+    values = scenes.ATTRIBUTES[attribute]
+    prompts = [template.format(v) for v in values]
+    seeds = torch.arange(len(values) * 8).reshape(len(values), 8) + 7000
+    with torch.no_grad():
+        images = sample(models, prompts, seeds, 20, 3.0, eta=1.0, batch_size=40, with_reference=False).images
+    read = predict(load_classifier(), images.reshape(-1, *images.shape[2:]))[attribute].argmax(1)
+    stated = torch.arange(len(values)).repeat_interleave(8)
+    accuracy = (read == stated).float().mean().item()
+    print(f"{attribute}: {accuracy:.3f}")
+    assert accuracy >= least, (attribute, accuracy)
 
 
 @pytest.mark.parametrize("n", [1, 5])
