@@ -78,8 +78,7 @@ def _logsnr_timesteps(abar, num_steps):
     N = abar.shape[0]
     log_snr = (abar / (1 - abar)).log()                                  # (N,), increasing as t falls
     targets = torch.linspace(float(log_snr[N - 1]), float(log_snr[1]), num_steps, dtype=torch.float64)
-    ts = [int((log_snr - v).abs().argmin()) for v in targets] if num_steps > 1 else [N - 1]
-    ts[0] = N - 1
+    ts = [int((log_snr - v).abs().argmin()) for v in targets]           # ts[0] = N - 1: its own log-SNR
     for i in range(1, num_steps):
         ts[i] = min(ts[i], ts[i - 1] - 1)
     for i in range(num_steps - 1, -1, -1):                               # room for the steps below
