@@ -33,18 +33,18 @@ def poison(monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def demo_run(tmp_path_factory):
-    """The `demo` preset trained once per session (PRDP, ~3 minutes on 2 cores) -> its output dir."""
+def tiny_demo_run(tmp_path_factory):
+    """The `tiny_demo` preset trained once per session (PRDP, ~3 minutes on 2 cores) -> its output dir."""
     import socket
     import subprocess
     import sys
     from pathlib import Path
-    out = tmp_path_factory.mktemp("demo")
+    out = tmp_path_factory.mktemp("tiny_demo")
     repo = Path(__file__).resolve().parent.parent
     with socket.socket() as s:  # not the port of a process group this pytest process may hold
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
-    proc = subprocess.run([sys.executable, "-m", "prdp_ds.train", "--output-dir", str(out)], cwd=repo,
+    proc = subprocess.run([sys.executable, "-m", "prdp_ds.train", "--preset", "tiny_demo", "--output-dir", str(out)], cwd=repo,
                           env={**os.environ, "PYTHONUNBUFFERED": "1", "MASTER_PORT": port},
                           capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

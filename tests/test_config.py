@@ -17,13 +17,15 @@ def test_the_world_presets_use_the_world():
     for name, prompts in (("world", "world_small"), ("world_large", "world_large")):
         cfg = resolve(name)
         assert cfg.model.pretrained == "world" and cfg.prompts.source == prompts
-    assert resolve("demo").model.pretrained == "tiny"
+    demo = resolve("demo")
+    assert demo.model.pretrained == "world" and demo.prompts.source == "world_demo" and demo.sampler.spacing == "logsnr"
+    assert resolve("tiny_demo").model.pretrained == "tiny"
 
 
 @pytest.mark.parametrize("text, key, value", [
     ("train.lr=2e-5", "lr", 2e-5), ("train.epochs=3", "epochs", 3), ("ddpo.per_prompt_norm=false", "per_prompt_norm", False)])
 def test_overrides_are_parsed_as_yaml_and_type_checked(text, key, value):
-    cfg = resolve("demo", overrides=[text])
+    cfg = resolve("tiny_demo", overrides=[text])
     section = getattr(cfg, text.split(".")[0])
     assert getattr(section, key) == value and type(getattr(section, key)) is type(value)
 
@@ -43,7 +45,7 @@ def test_a_reward_override_replaces_the_whole_mapping():
     ("nokey", "--set expects key=value")])
 def test_bad_overrides_name_the_key_and_what_was_expected(text, match):
     with pytest.raises(ConfigError, match=match):
-        resolve("demo", overrides=[text])
+        resolve("tiny_demo", overrides=[text])
 
 
 def test_unknown_preset_and_unreadable_file(tmp_path):

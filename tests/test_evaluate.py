@@ -116,8 +116,8 @@ def test_bad_model_paths_and_rewards_are_named(tmp_path, unets):
 
 
 @pytest.mark.slow
-def test_a_finetuned_demo_checkpoint_beats_its_base_on_the_training_reward(tmp_path, demo_run):
-    run_dir = demo_run  # the demo preset as trained by `python -m prdp_ds.train`
+def test_a_finetuned_tiny_demo_checkpoint_beats_its_base_on_the_training_reward(tmp_path, tiny_demo_run):
+    run_dir = tiny_demo_run  # the tiny_demo preset as trained by `python -m prdp_ds.train`
     # sampler, prompts (templated animals) and reward come from the run's own training config
     evaluate.main(["--train-config", str(run_dir / "config.yaml"), "--model", f"prdp={run_dir}", "--samples", "4",
                    "--max-prompts", "24", "--output-dir", str(tmp_path / "eval")])

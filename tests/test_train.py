@@ -26,6 +26,9 @@ def _port():
 
 
 def run(args, ranks=1, check=True, threads=None):
+    """`python -m prdp_ds.train ARGS` (the `tiny_demo` preset unless ARGS name a preset or config file)."""
+    if "--preset" not in args and "--train-config" not in args:
+        args = ["--preset", "tiny_demo", *args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "MASTER_PORT": str(_port())}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -62,7 +65,7 @@ def test_one_and_two_ranks_give_the_same_parameters(tmp_path, ds_config):
     moved = max((p1[k] - base[k]).abs().max().item() for k in p1)
     assert moved > 1e-5, "training should move the parameters"
     for k in p1:
-        # gloo's 2-rank gradient sum rounds differently: allow 1% of one step (lr 3e-4 in the demo preset)
+        # gloo's 2-rank gradient sum rounds differently: allow 1% of one step (lr 3e-4 in the tiny_demo preset)
         torch.testing.assert_close(p2[k], p1[k], rtol=0, atol=0.01 * 3e-4)
     (line,) = (tmp_path / "r2" / "prompts.jsonl").read_text().splitlines()
     ranks = json.loads(line)["ranks"]
@@ -123,8 +126,8 @@ def reward_gain_in_se(rows):
 
 
 @pytest.mark.slow
-def test_demo_raises_the_reward_and_writes_its_outputs(demo_run):
-    tmp_path = demo_run
+def test_tiny_demo_raises_the_reward_and_writes_its_outputs(tiny_demo_run):
+    tmp_path = tiny_demo_run
     rows = metrics(tmp_path)
     assert reward_gain_in_se(rows) > 2
     for name in ("config.yaml", "training_curves.png", "prompts.jsonl", "samples/epoch_0000.png", "checkpoints/latest"):
@@ -139,6 +142,18 @@ def test_demo_raises_the_reward_and_writes_its_outputs(demo_run):
     assert [r["epoch"] for r in graded] == [0, 3, 6, 9, 11]
     assert all(r["eval/brightness"] == r["eval/reward_mean"] for r in graded)
     assert graded[-1]["eval/reward_mean"] > graded[0]["eval/reward_mean"]  # same noise: a paired comparison
+
+
+@pytest.mark.slow
+def test_the_demo_preset_trains_the_world_model(tmp_path):
+    """The `demo` preset (the default of `python -m prdp_ds.train`) is the world demo; shrunk to one small epoch, it
+    runs and logs the world's scores. Machinery only: README, "What the demo shows", has the full run's gain."""
+    run(["--preset", "demo", "--output-dir", str(tmp_path), "--set", "train.epochs=1", "--set", "train.images_per_prompt=3",
+         "--set", "sampler.num_steps=3", "--set", "output.eval_images=1", "--set", "output.save_every=1"], threads=2)
+    (row,) = metrics(tmp_path)
+    assert row["num_images"] == 12 and row["steps_applied"] == 2 and math.isfinite(row["loss"])
+    assert 0 <= row["reward/world_judge"] <= 1 and 0 < row["reward/world_alignment"] <= 1
+    assert (tmp_path / "samples" / "epoch_0000.png").is_file() and (tmp_path / "checkpoints" / "latest").is_file()
 
 
 @pytest.mark.slow
@@ -164,7 +179,7 @@ def test_sigterm_checkpoints_mid_epoch_and_the_resumed_run_equals_a_straight_one
     common = ["--set", "train.epochs=2", *SMALL]
     run(["--output-dir", str(straight), *common])
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "MASTER_PORT": str(_port())}
-    proc = subprocess.Popen([sys.executable, "-m", "prdp_ds.train", "--output-dir", str(cut), *common], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "prdp_ds.train", "--preset", "tiny_demo", "--output-dir", str(cut), *common], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in proc.stdout:  # the handler is installed before this line is printed
@@ -195,7 +210,7 @@ def test_bf16_policy_and_reference_agree_at_init(tmp_path):
 
 
 @pytest.mark.slow
-def test_ddpo_and_prdp_train_on_the_demo_and_plot_on_one_figure(tmp_path, demo_run):
+def test_ddpo_and_prdp_train_on_the_tiny_demo_and_plot_on_one_figure(tmp_path, tiny_demo_run):
     run(["--output-dir", str(tmp_path / "ddpo"), "--set", "algo.name=ddpo", "--set", "output.sample_every=0"])
     rows = metrics(tmp_path / "ddpo")
     assert all(r["steps_applied"] == 2 and math.isfinite(r["loss"]) and 0 <= r["clip_frac"] <= 1 for r in rows)
@@ -204,7 +219,7 @@ def test_ddpo_and_prdp_train_on_the_demo_and_plot_on_one_figure(tmp_path, demo_r
     assert state["algo"] == "ddpo" and len(state["ddpo_tracker"]["history"]) > 0
     from prdp_ds.plot import main as plot_main
     out = tmp_path / "compare.png"
-    plot_main([f"prdp={demo_run}", f"ddpo={tmp_path / 'ddpo'}", "--out", str(out)])
+    plot_main([f"prdp={tiny_demo_run}", f"ddpo={tmp_path / 'ddpo'}", "--out", str(out)])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
 
 

@@ -181,6 +181,13 @@ def world_small_prompts():
     return out
 
 
+def world_demo_prompts():
+    """The demo's 4 prompts: a seen (colour, shape) pair in each corner, large and small alternating. The base model
+    gets colour, shape and size right and the position about 4 times in 10: what the demo's reward teaches."""
+    return [caption_from("red", "circle", "large", "top left"), caption_from("blue", "square", "small", "bottom right"),
+            caption_from("yellow", "triangle", "large", "top right"), caption_from("green", "circle", "small", "bottom left")]
+
+
 def world_seen_prompts():
     """30 fully stated prompts of seen (colour, shape) pairs, two (size, position) each, in world_unseen's
     wording: the seen half of a seen/unseen comparison (each is also a world_large prompt)."""
@@ -197,4 +204,5 @@ def world_unseen_prompts():
 register_prompt_set("world_small")(world_small_prompts)
 register_prompt_set("world_large")(lambda: all_captions(held_out=False))
 register_prompt_set("world_seen")(world_seen_prompts)
+register_prompt_set("world_demo")(world_demo_prompts)
 register_prompt_set("world_unseen")(world_unseen_prompts)
