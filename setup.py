@@ -16,7 +16,9 @@ setup(
         "deepspeed>=0.19.8",
         "diffusers>=0.30",
         "accelerate",
-        "transformers>=4.44",
+        # 5.25 requires the PyPI distribution `kernels`, whose import name this repo's kernels/ package
+        # shadows (diffusers then imports ours in its place and fails): tests/test_kernels_package.py.
+        "transformers>=4.44,<5.25",
         "triton>=3.0",
         "open_clip_torch>=2.24",
         "peft>=0.17",
@@ -29,5 +31,5 @@ setup(
         "pillow",
         "numpy",
     ],
-    extras_require={"test": ["pytest>=7.4"]},
+    extras_require={"test": ["pytest>=7.4"], "dev": ["ruff>=0.17"]},
 )

@@ -21,7 +21,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import prdp_ds.world  # noqa: E402,F401  registers the world
 from benchmarks.provenance import cpu_name, run_meta  # noqa: E402
 from prdp_ds.config import Config  # noqa: E402
 from prdp_ds.loss import rdp_loss  # noqa: E402

@@ -1,4 +1,4 @@
-"""What the fused PRDP loss kernel buys (SPEC §7): time, peak memory, bandwidth, precision.
+"""What the fused PRDP loss kernel buys (docs/design.md §10): time, peak memory, bandwidth, precision.
 
 Three ways to compute the PRDP loss and its gradient w.r.t. the raw CFG UNet outputs (eps_u, eps_c)
 over whole trajectories (G groups x B images x T steps, latents of D elements):
@@ -160,7 +160,7 @@ def _chunk_rows(D, device):
 
 
 class Reference64:
-    """Exact fp64 loss, log-ratios and gradients, by the two-pass method of SPEC §6 (pass 1: r in
+    """Exact fp64 loss, log-ratios and gradients, by the two-pass method of docs/design.md §7 (pass 1: r in
     fp64 in chunks; loss and dL/dr by autograd; pass 2: per chunk, autograd of sum dL/dr * r)."""
 
     def __init__(self, d, eu, ec):

@@ -19,7 +19,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import prdp_ds.world  # noqa: E402,F401  registers the world
 from benchmarks.provenance import cpu_name, run_meta  # noqa: E402
 from prdp_ds.models import SD14_SCHEDULER, load_models, make_scheduler  # noqa: E402
 from prdp_ds.sampler import image_seeds, sample, step_schedule  # noqa: E402

@@ -1,4 +1,5 @@
-"""Time one PRDP optimizer step of the real trainer code (SPEC §6, §13), phase by phase.
+"""Time one PRDP optimizer step of the real trainer code, phase by phase (docs/design.md §7;
+yardsticks: benchmarks/README.md).
 
 Everything timed is the trainer's own code on a DeepSpeed ZeRO-2 engine (prdp_ds.engine): one
 rollout by prdp_ds.sampler.sample (policy = the engine, frozen reference UNet beside it), then per
@@ -16,7 +17,7 @@ a synchronizing timer, so `sample` = sample() minus the reference calls):
   step first  prdp_step(first_step=True): loss + pass 2 (fwd+bwd per chunk) + optimizer step
   step later  prdp_step(first_step=False): the same plus pass 1 (later steps of an epoch, K > 1)
   optimizer   the DeepSpeed optimizer's step() alone (inside both steps above)
-  epoch K=1   sample + reference + step first: SPEC §13's per-image yardstick (no reward model)
+  epoch K=1   sample + reference + step first: the per-image yardstick of benchmarks/README.md (no reward model)
 Methods: `twopass-torch` / `twopass-triton` (loss.impl torch / triton), and `naive`: one autograd
 graph through all T UNet calls of all images (r(theta) per step by chunk_log_ratios with grad,
 prdp_ds.loss.rdp_loss, one backward) on an engine with one accumulation step; on GPU it tries T
@@ -25,7 +26,7 @@ in a descending list and reports the largest that fits (OOM rows say which did n
 FLOPs: counted once with FlopCounterMode on one CFG forward (a batch of 2: one image's uncond and
 cond rows) in the run's dtype, F; the UNet is per-sample so cost is linear in images. Per image:
 sample T*F, reference T*F, pass 1 T*F, pass 2 3*T*F (forward + backward ~ 2x forward).
-MFU = counted FLOPs / (seconds x --peak-tflops) (default 790, SPEC §13's measured bf16 peak).
+MFU = counted FLOPs / (seconds x --peak-tflops) (default 790, the measured bf16 peak in benchmarks/README.md).
 Peak memory: torch.cuda.max_memory_allocated, reset per phase (sample and reference interleave: one
 peak for both); on CPU the process's max RSS so far. Each measurement runs --repeats times (default
 2: the first warms up kernels and allocators); the last one is reported.
@@ -52,7 +53,7 @@ from pathlib import Path
 import torch
 
 CUDA = torch.cuda.is_available()
-if not CUDA:  # before kernels / prdp_ds are imported (SPEC §12)
+if not CUDA:  # before kernels / prdp_ds are imported (docs/design.md §11)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 

@@ -1,5 +1,6 @@
-"""Triton kernels for prdp_ds (SPEC §7). Each module holds its kernels, launcher, autograd.Function
-and names its PyTorch reference:
+"""Triton kernels for prdp_ds (docs/design.md §10). Each module holds its kernels, launcher, autograd.Function
+and names its PyTorch reference; the argument checks they share live in kernels.utils. kernels/ imports only
+torch, triton and itself:
 
 - step_log_ratio_triton  (kernels.step_logratio): per-step CFG log-ratio, (rows, D) -> (rows,)
 - rdp_loss_triton        (kernels.rdp_loss): the PRDP loss on (G, B, T) log-ratios -> scalar
@@ -10,7 +11,7 @@ import os
 import torch
 
 # Triton kernels run under the interpreter on machines without a GPU; this must be set before any
-# kernel module is imported (SPEC §12).
+# kernel module is imported (docs/design.md §11).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -1,11 +1,11 @@
-"""The fully fused PRDP loss over whole trajectories: step log-ratios + RDP loss (SPEC §7, (a)+(b)).
+"""The fully fused PRDP loss over whole trajectories: step log-ratios + RDP loss (docs/design.md §10.3).
 
 Math. Inputs for G prompt groups x B images x T steps, each latent of D = C*H*W elements:
 
     eps_hat_{g,i,t} = eps_u + w (eps_c - eps_u)
     r_{g,i,t} = sum_d b_t (eps_hat - eps_ref)(2 x_prev - 2 a_t x_t - b_t (eps_hat + eps_ref)) / (2 sigma_t^2)
-                (divided by D for reduction="mean"; SPEC §3, kernels.step_logratio)
-    L = PRDP loss of (r, r_old, rewards, eps, beta)          (SPEC §4, kernels.rdp_loss)
+                (divided by D for reduction="mean"; docs/design.md §4, kernels.step_logratio)
+    L = PRDP loss of (r, r_old, rewards, eps, beta)          (docs/design.md §5, kernels.rdp_loss)
 
     dL/deps_u = (1 - w) * dL/dr_{g,i,t} * b_t (x_prev - a_t x_t - b_t eps_hat) / sigma_t^2,
     dL/deps_c = w * (the same),   times the upstream gradient of L.
@@ -17,7 +17,8 @@ step backward kernel recomputes eps_hat and mu from the inputs and writes dL/dep
 directly in the inputs' dtypes, multiplying dL/dr by the upstream gradient read from device memory
 (no host sync). Memory beyond inputs and the two gradients: O(G*B*T) floats; no (G, B, T, D)
 temporary exists in forward or backward (non-contiguous inputs are copied to contiguous memory
-first — pass contiguous tensors to avoid that).
+first — pass contiguous tensors to avoid that). The trainer does not call it (pass 2 holds one chunk
+of UNet outputs at a time and uses the two kernels separately); benchmarks/loss_kernel.py measures it.
 
 PyTorch reference: prdp_ds.logratio.cfg_step_log_ratio(..., impl="torch") reshaped to (G, B, T),
 then prdp_ds.loss.rdp_loss(..., impl="torch").
@@ -26,8 +27,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from kernels.rdp_loss import check_rdp_args, launch_rdp_loss
-from kernels.step_logratio import (check_device, check_latents, check_reduction, check_tensor, coef_arg, flat_rows,
-                                   launch_step_bwd, launch_step_fwd, scalar_arg)
+from kernels.step_logratio import launch_step_bwd, launch_step_fwd
+from kernels.utils import check_device, check_latents, check_reduction, check_tensor, coef_arg, flat_rows, scalar_arg
 
 
 class _FusedPRDPLoss(torch.autograd.Function):

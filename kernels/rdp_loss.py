@@ -1,4 +1,4 @@
-"""The PRDP loss (reward difference prediction with proximal clipping) in one launch (SPEC §4, §7b).
+"""The PRDP loss (reward difference prediction, proximal clipping) in one launch (docs/design.md §5, §10.2).
 
 Math. For prompt group g, image i, step t, with r = log-ratio (theta vs ref), r_old, rewards rw,
 clip range eps and KL weight beta:
@@ -8,18 +8,17 @@ clip range eps and KL weight beta:
     for every ordered pair (i, j) with target_ij = (rw_i - rw_j) / beta > 0 (valid pairs):
         e_ij = R_i - R_j - target_ij,  e'_ij = C_i - C_j - target_ij
         l_ij = max(e_ij^2, e'_ij^2)
-    Which square is larger is decided without cancellation: e^2 - e'^2 = (e - e')(e + e') with
-    e - e' = Dg_i - Dg_j, Dg = mean_t (r - clamp(r)). With the paper's beta (3e-5, clip 1e-4) the
-    targets reach ~1e3 while e - e' is ~1e-6 to 1e-5 (tests/test_loss.py's paper-scale data): e and e'
-    computed in fp32 round to the same number for 76-95% of the pairs there, and max(e^2, e'^2) would
-    pick a branch (and so a gradient) by rounding; Dg is exact where the clip is inactive.
     L_g = mean of l_ij over the valid pairs of g;   L = mean of L_g over groups with >= 1 valid pair
     (L = 0 when no group has a valid pair).
+Which square is larger is decided without cancellation, from the sign of e^2 - e'^2 = (e - e')(e + e')
+with e - e' = Dg_i - Dg_j, Dg = mean_t (r - clamp(r)) (exact where the clip is inactive): at the paper's
+beta, e and e' round alike in fp32 and comparing them would pick the branch, and so the gradient, by
+rounding (docs/design.md §5).
 
 Gradient, with s_g = 1 / (n_pairs_g * n_valid_groups) for a valid group (else 0) and these
 subgradients at kinks: an exact max tie splits 0.5 / 0.5 (as torch.maximum does); clamp' is 1
-strictly inside the band, 0.5 for each bound r sits exactly on, 0 outside (torch.clamp with tensor
-bounds gives this in torch 2.14, but 1 on a bound in torch 2.11: measured, benchmarks/results/gpu_h200.md):
+strictly inside the band, 0.5 for each bound r sits exactly on, 0 outside (torch.clamp's value on a
+bound depends on the torch version: docs/design.md §5):
 
     A_ij  = s_g * 2 e_ij  * [e_ij^2 > e'_ij^2 or 0.5 if equal]     (valid pairs only; the
     A'_ij = s_g * 2 e'_ij * [e'_ij^2 > e_ij^2 or 0.5 if equal]      comparison as above)
@@ -47,8 +46,8 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from kernels import step_logratio as _sl
-from kernels.step_logratio import INTERPRET, check_device, check_tensor, scalar_arg
+from kernels import utils
+from kernels.utils import INTERPRET, check_device, check_tensor, scalar_arg
 
 
 @triton.jit
@@ -98,13 +97,13 @@ def _rdp_loss_kernel(
             tt = t0 + it
             m3 = m2[:, :, None] & (tt < T)[None, None, :]                         # (BG, BB, BT)
             offs = base + tt[None, None, :]
-            r = tl.load(r_ptr + offs, mask=m3, other=0.0).to(tl.float32)
+            r = tl.load(r_ptr + offs, mask=m3, other=0.0).to(tl.float32)          # (BG, BB, BT)
             ro = tl.load(ro_ptr + offs, mask=m3, other=0.0).to(tl.float32)
-            c = tl.minimum(tl.maximum(r, ro - clip), ro + clip)
+            c = tl.minimum(tl.maximum(r, ro - clip), ro + clip)                   # clipped r
             r_sum += tl.sum(r, axis=2)
             c_sum += tl.sum(c, axis=2)
             d_sum += tl.sum(r - c, axis=2)
-        R = r_sum / T
+        R = r_sum / T                                                             # (BG, BB)
         C = c_sum / T
         Dg = d_sum / T
 
@@ -113,7 +112,7 @@ def _rdp_loss_kernel(
         rw = rw.to(tl.float32)
         target = (rw[:, :, None] - rw[:, None, :]) / beta                         # (BG, BB, BB)
         valid = m2[:, :, None] & m2[:, None, :] & (target > 0)
-        e = R[:, :, None] - R[:, None, :] - target
+        e = R[:, :, None] - R[:, None, :] - target                                # (BG, BB, BB)
         ec = C[:, :, None] - C[:, None, :] - target
         m = e * e
         mc = ec * ec
@@ -124,11 +123,11 @@ def _rdp_loss_kernel(
         part_acc += gsum / tl.maximum(cnt, 1.0)                                   # 0 for no pairs
 
         if WRITE_GRAD:
-            s = tl.where(cnt > 0, inv_groups / tl.maximum(cnt, 1.0), 0.0)[:, None, None]
+            s = tl.where(cnt > 0, inv_groups / tl.maximum(cnt, 1.0), 0.0)[:, None, None]  # (BG, 1, 1)
             tie = tl.where(dec == 0, 0.5, 0.0)
             wa = tl.where(valid, tl.where(dec > 0, 1.0, tie), 0.0) * s
             wc = tl.where(valid, tl.where(dec < 0, 1.0, tie), 0.0) * s
-            A = 2.0 * e * wa
+            A = 2.0 * e * wa                                                      # (BG, BB, BB)
             Ac = 2.0 * ec * wc
             gR = (tl.sum(A, axis=2) - tl.sum(A, axis=1)) / T                      # (BG, BB)
             gC = (tl.sum(Ac, axis=2) - tl.sum(Ac, axis=1)) / T
@@ -144,7 +143,7 @@ def _rdp_loss_kernel(
                 dclamp = (tl.where((r > lo) & (r < hi), 1.0, 0.0)
                           + tl.where((r == lo) & (r <= hi), 0.5, 0.0)
                           + tl.where((r == hi) & (r >= lo), 0.5, 0.0))
-                g = gR[:, :, None] + gC[:, :, None] * dclamp
+                g = gR[:, :, None] + gC[:, :, None] * dclamp                      # (BG, BB, BT)
                 tl.store(grad_ptr + offs, g, mask=m3)
 
     tl.store(part_ptr + pid, tl.sum(part_acc, axis=0) * inv_groups)
@@ -172,8 +171,8 @@ def launch_rdp_loss(r, ro, rw, clip, beta, write_grad, block_g=None, chunks_per_
     cpp = chunks_per_prog or min(cpp, triton.cdiv(G, bg))
     groups_per_prog = bg * cpp
     n_prog = triton.cdiv(G, groups_per_prog)
-    part = _sl.empty_out((n_prog,), torch.float32, r.device)
-    grad = _sl.empty_out((G, B, T), torch.float32, r.device) if write_grad else None
+    part = utils.empty_out((n_prog,), torch.float32, r.device)
+    grad = utils.empty_out((G, B, T), torch.float32, r.device) if write_grad else None
     _rdp_loss_kernel[(n_prog,)](
         r, ro, rw, grad if write_grad else part, part,
         G, B, T, groups_per_prog, clip, beta,

@@ -1,4 +1,4 @@
-"""Fused per-step log-ratio of the DDIM (eta > 0) policy with classifier-free guidance (SPEC §3, §7a).
+"""Fused per-step log-ratio of the DDIM (eta > 0) policy with classifier-free guidance (docs/design.md §4, §10.1).
 
 Math. Per row (one image at one denoising step) with D latent elements, the policy is
 N(mu, sigma^2 I) with mu affine in the guided noise prediction, mu = a x_t + b eps_hat. Given the
@@ -9,7 +9,7 @@ eps_ref,
     r       = sum_d b (eps_hat - eps_ref) (2 x_prev - 2 a x_t - b (eps_hat + eps_ref)) / (2 sigma^2)
 
 which is log N(x_prev; mu_theta, sigma^2) - log N(x_prev; mu_ref, sigma^2) written without
-subtracting two log-probs of size ~D (the cancellation-free form of SPEC §3). reduction="mean"
+subtracting two log-probs of size ~D (the cancellation-free form of docs/design.md §4). reduction="mean"
 divides by D. Gradient (only eps_u and eps_c are differentiable):
 
     dr/deps_hat = b (x_prev - mu_theta) / sigma^2,   mu_theta = a x_t + b eps_hat
@@ -19,7 +19,8 @@ Kernels. The forward reads each of the five (rows, D) tensors once, in tiles of 
 BLOCK_D elements), converts to fp32 whatever the storage dtype and accumulates in fp32 (a
 (BLOCK_R, BLOCK_D) register accumulator, tree-reduced at the end). The backward recomputes
 eps_hat and mu from the inputs (nothing (rows, D)-sized is saved besides the inputs themselves)
-and writes the two gradients in the inputs' dtypes; it is purely elementwise over a 1-D grid of
+and writes the two gradients in the inputs' dtypes (bf16 rounded to nearest even by hand, so the
+interpreter and compiled Triton agree: `_cast_out`); it is purely elementwise over a 1-D grid of
 tiles. The coefficients a, b, sigma are fp32 arrays indexed by row % period (period 1: a scalar,
 period rows: one per row, period T: one per step of a flattened (G, B, T) trajectory batch).
 
@@ -30,10 +31,8 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from prdp_ds.logratio import REDUCTIONS
-
-# Fixed when this module is imported, exactly like @triton.jit decides interpreter vs compiler.
-INTERPRET = bool(triton.knobs.runtime.interpret)
+from kernels import utils
+from kernels.utils import INTERPRET, check_device, check_latents, check_reduction, coef_arg, flat_rows, scalar_arg
 
 
 # ----------------------------------------------------------------------------------------------
@@ -51,6 +50,7 @@ def _step_log_ratio_fwd_kernel(
     pid = tl.program_id(0)
     r_offs = pid * BLOCK_R + tl.arange(0, BLOCK_R)                   # (BLOCK_R,)
     r_mask = r_offs < rows
+    # per-row coefficients a, b, s: (BLOCK_R,) fp32; a2, b2: (BLOCK_R, 1)
     a = tl.load(a_ptr + r_offs % a_period, mask=r_mask, other=0.0)
     b = tl.load(b_ptr + r_offs % b_period, mask=r_mask, other=0.0)
     s = tl.load(s_ptr + r_offs % s_period, mask=r_mask, other=1.0)
@@ -62,6 +62,7 @@ def _step_log_ratio_fwd_kernel(
         d_offs = d0 + tl.arange(0, BLOCK_D)                          # (BLOCK_D,)
         mask = r_mask[:, None] & (d_offs < D)[None, :]
         offs = base + d_offs[None, :]
+        # eu, ec, er, xt, xp and everything below: (BLOCK_R, BLOCK_D) fp32
         eu = tl.load(eu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         ec = tl.load(ec_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         er = tl.load(er_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -109,7 +110,7 @@ def _step_log_ratio_bwd_kernel(
     a = tl.load(a_ptr + r_offs % a_period, mask=r_mask, other=0.0)
     b = tl.load(b_ptr + r_offs % b_period, mask=r_mask, other=0.0)
     s = tl.load(s_ptr + r_offs % s_period, mask=r_mask, other=1.0)
-    g = tl.load(g_ptr + r_offs, mask=r_mask, other=0.0)
+    g = tl.load(g_ptr + r_offs, mask=r_mask, other=0.0)              # (BLOCK_R,) upstream dL/dr
     if HAS_SCALE:
         g = g * tl.load(scale_ptr)
     coef = g * b / (s * s)                                           # (BLOCK_R,)
@@ -118,6 +119,7 @@ def _step_log_ratio_bwd_kernel(
     d_offs = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = r_mask[:, None] & (d_offs < D)[None, :]
     offs = r_offs.to(tl.int64)[:, None] * D + d_offs[None, :]
+    # eu, ec, xt, xp, eh, mu, g_eh: (BLOCK_R, BLOCK_D) fp32; this program's one tile
     eu = tl.load(eu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     ec = tl.load(ec_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     xt = tl.load(xt_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -132,95 +134,10 @@ def _step_log_ratio_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# Checks and launchers (shared with kernels.fused)
+# Launchers (shared with kernels.fused)
 # ----------------------------------------------------------------------------------------------
-def empty_out(shape, dtype, device):
-    """Every output buffer of the launchers comes from here (tests swap in a NaN-poisoning
-    allocator to prove each element is written by a kernel)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def _next_pow2(n):
     return triton.next_power_of_2(max(int(n), 1))
-
-
-def check_tensor(fn, name, t):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{fn}: {name} must be a floating-point tensor, got {t.dtype}")
-
-
-def check_device(fn, named):
-    """All tensors on one device, and a device the kernels can run on."""
-    devices = {t.device for t in named.values()}
-    if len(devices) > 1:
-        where = ", ".join(f"{n} on {t.device}" for n, t in named.items())
-        raise ValueError(f"{fn}: all tensors must be on one device, got {where}")
-    device = devices.pop()
-    if device.type != "cuda" and not INTERPRET:
-        raise RuntimeError(
-            f"{fn}: tensors are on {device}, but the Triton kernels need CUDA tensors; to run on CPU "
-            "set TRITON_INTERPRET=1 before `kernels` (or triton kernels) are imported")
-    return device
-
-
-def coef_arg(fn, name, value, period, device, what):
-    """A scalar / 0-dim / (period,) coefficient -> (fp32 contiguous tensor, its period)."""
-    if isinstance(value, torch.Tensor):
-        if value.requires_grad and torch.is_grad_enabled():
-            raise ValueError(f"{fn}: {name} requires grad, but the kernel treats it as a constant "
-                             "(its gradient is not computed); pass it detached")
-        if value.numel() not in (1, period):
-            raise ValueError(f"{fn}: {name} must be a scalar or have {period} elements ({what}), "
-                             f"got shape {tuple(value.shape)}")
-        t = value.detach().to(device=device, dtype=torch.float32).reshape(-1).contiguous()
-        return t, t.numel()
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{fn}: {name} must be a float or a tensor, got {type(value).__name__}") from None
-    return torch.tensor([v], dtype=torch.float32).to(device), 1
-
-
-def scalar_arg(fn, name, value):
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{fn}: {name} must be a scalar, got shape {tuple(value.shape)}")
-        if value.requires_grad and torch.is_grad_enabled():
-            raise ValueError(f"{fn}: {name} requires grad, but the kernel treats it as a constant")
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{fn}: {name} must be a float, got {type(value).__name__}") from None
-
-
-def check_latents(fn, named, min_dim, layout):
-    """Validate the five latent-sized inputs (eps_uncond, eps_cond, eps_ref, x_t, x_prev): tensors of
-    one shape with >= min_dim dims, only the two UNet outputs differentiable. Returns the shape."""
-    for name, t in named.items():
-        check_tensor(fn, name, t)
-    shape = named["eps_uncond"].shape
-    if len(shape) < min_dim:
-        raise ValueError(f"{fn}: eps_uncond must have shape {layout} with >= {min_dim} dims, got {tuple(shape)}")
-    for name, t in named.items():
-        if t.shape != shape:
-            raise ValueError(f"{fn}: {name} has shape {tuple(t.shape)}, expected {tuple(shape)} "
-                             "(the shape of eps_uncond)")
-        if name in ("eps_ref", "x_t", "x_prev") and t.requires_grad and torch.is_grad_enabled():
-            raise ValueError(f"{fn}: {name} requires grad, but only eps_uncond and eps_cond are "
-                             "differentiable here; pass it detached")
-    return shape
-
-
-def check_reduction(fn, reduction):
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"{fn}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
-
-
-def flat_rows(t, rows):
-    """(rows, ...) -> (rows, D) contiguous; a copy only when the input is not contiguous."""
-    return t.reshape(rows, -1).contiguous()
 
 
 def _tile_budget():
@@ -244,7 +161,7 @@ def _bwd_config(rows, D):
 def launch_step_fwd(eu, ec, er, xt, xp, coefs, w, mean):
     """eu..xp: (rows, D) contiguous; coefs: ((a, pa), (b, pb), (s, ps)) -> r (rows,) fp32."""
     rows, D = eu.shape
-    out = empty_out((rows,), torch.float32, eu.device)
+    out = utils.empty_out((rows,), torch.float32, eu.device)
     (a, pa), (b, pb), (s, ps) = coefs
     block_r, block_d, warps = _fwd_config(rows, D)
     grid = (triton.cdiv(rows, block_r),)
@@ -259,8 +176,8 @@ def launch_step_bwd(eu, ec, xt, xp, coefs, w, mean, g, scale=None, write_u=True,
     in the dtypes of eu / ec (None where not requested)."""
     rows, D = eu.shape
     (a, pa), (b, pb), (s, ps) = coefs
-    geu = empty_out(eu.shape, eu.dtype, eu.device) if write_u else None
-    gec = empty_out(ec.shape, ec.dtype, ec.device) if write_c else None
+    geu = utils.empty_out(eu.shape, eu.dtype, eu.device) if write_u else None
+    gec = utils.empty_out(ec.shape, ec.dtype, ec.device) if write_c else None
     if not (write_u or write_c):
         return geu, gec
     block_r, block_d, warps = _bwd_config(rows, D)

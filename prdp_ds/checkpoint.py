@@ -1,31 +1,34 @@
 """Checkpoints: complete or absent.
 
-Layout: OUTPUT_DIR/checkpoints/epoch_XXXX[_stepK]/ holding
-  engine/               DeepSpeed engine state of every rank (weights, optimizer, ZeRO partitions):
-                        the full training state, with or without LoRA
-  unet/                 full finetuning: the policy UNet in diffusers format (safetensors), loadable by
-                        StableDiffusionPipeline.from_pretrained(..., unet=UNet2DConditionModel.from_pretrained(...));
-                        with LoRA: only when output.save_merged_unet, the UNet with the adapters merged
-                        (a plain UNet2DConditionModel, same loading)
-  unet_lora/            with LoRA (model.lora_rank > 0): the adapter in diffusers' LoRA format
-                        (pytorch_lora_weights.safetensors), loadable by pipe.load_lora_weights(unet_lora_dir)
-                        or prdp_ds.lora.load_adapter
-  config.yaml           the resolved training config
-  trainer_state.json    epoch, optimizer steps taken within it, counters (written last)
-  rollout_rankR.safetensors  only for a mid-epoch (SIGTERM) checkpoint: that rank's trajectories,
-                        rewards and reward components
-Everything is written under NAME.tmp and renamed when complete; checkpoints/latest names the
-newest complete one. Directories ending in .tmp (a killed save) are ignored on resume.
+OUTPUT_DIR/checkpoints/epoch_XXXX[_stepK]/ holds engine/ (every rank's DeepSpeed state: the full training
+state, with or without LoRA), unet/ (the policy UNet in diffusers format; with LoRA only when
+output.save_merged_unet, adapters merged), unet_lora/ (with LoRA: the adapter in diffusers' LoRA format),
+config.yaml, trainer_state.json (written last) and, only in a mid-epoch (SIGTERM) checkpoint,
+rollout_rankR.safetensors (that rank's trajectories and rewards). Everything is written under NAME.tmp and
+renamed when complete; checkpoints/latest names the newest complete one; *.tmp directories (a killed save)
+are ignored on resume. Loading the saved UNet or adapter elsewhere: docs/outputs.md.
 """
+from __future__ import annotations
+
 import json
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 
 from prdp_ds import config as config_lib
 from prdp_ds.sampler import load_rollout, save_rollout
+
+if TYPE_CHECKING:
+    import torch
+    from deepspeed import DeepSpeedEngine
+
+    from prdp_ds.sampler import StepSchedule, Trajectories
+
+    # (trajectories, rewards (G, B), reward components {name: (G * B,)}) of one rank
+    Rollout = tuple[Trajectories, torch.Tensor, dict[str, torch.Tensor]]
 
 
 def _barrier():
@@ -50,9 +53,11 @@ def save_unet(unet, directory, save_merged_unet=False):
         merged_unet(unet).save_pretrained(str(directory / "unet"), safe_serialization=True)
 
 
-def save_checkpoint(engine, cfg, output_dir, state, rank, rollout=None):
+def save_checkpoint(engine: DeepSpeedEngine, cfg: config_lib.Config, output_dir: str | os.PathLike,
+                    state: dict[str, Any], rank: int, rollout: Rollout | None = None) -> Path:
     """Collective: every rank calls it. state: JSON-able dict with 'epoch' and 'step_in_epoch'.
-    rollout: (Trajectories, rewards (G, B), reward components) of this rank for a mid-epoch checkpoint."""
+    rollout: (Trajectories, rewards (G, B), reward components) of this rank for a mid-epoch checkpoint.
+    Returns the checkpoint folder."""
     import deepspeed
     root = Path(output_dir) / "checkpoints"
     name = checkpoint_name(state["epoch"], state["step_in_epoch"], cfg.train.steps_per_epoch)
@@ -100,8 +105,10 @@ def find_checkpoint(output_dir, resume):
     return complete[-1] if complete else None
 
 
-def load_checkpoint(engine, path, rank, schedule, device):
-    """Restore the engine; returns (trainer state, rollout or None) for this rank."""
+def load_checkpoint(engine: DeepSpeedEngine, path: str | os.PathLike, rank: int, schedule: StepSchedule,
+                    device: torch.device | str) -> tuple[dict[str, Any], Rollout | None]:
+    """Restore the engine; returns (trainer state, rollout or None) for this rank, the rollout as
+    save_checkpoint takes it: (Trajectories, rewards (G, B), reward components {name: (G * B,)})."""
     path = Path(path)
     load_path, _ = engine.load_checkpoint(str(path / "engine"), tag="state")
     if load_path is None:

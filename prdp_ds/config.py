@@ -68,7 +68,7 @@ class PromptsConfig:
 
 @dataclass
 class AlgoConfig:
-    name: str = "prdp"           # 'prdp' (this paper) or 'ddpo' (the baseline, SPEC section 11)
+    name: str = "prdp"           # 'prdp' (this paper) or 'ddpo' (the baseline, docs/design.md §9)
     online: bool = True          # False: offline mode (paper 4.3), train on trajectories sampled once from the reference
     offline_dir: str = ""        # offline dataset folder ('' means OUTPUT_DIR/offline); reused and completed if present
 

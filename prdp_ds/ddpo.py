@@ -1,23 +1,15 @@
-"""The DDPO baseline (Black et al. 2023; SPEC §11) on PRDP's sampler, rewards, engine and logs.
+"""The DDPO baseline (Black et al. 2023) on PRDP's sampler, rewards, engine and logs (docs/design.md §9).
 
-Advantages. Every image's reward is standardized: A_i = (r_i - mu) / (sd + 1e-6). With per-prompt
-normalization (DDPO's default) mu and sd come from a history of the prompt's recent rewards (the
-last `buffer_size`, this epoch's included); until a prompt has `min_count` rewards in its history,
-the whole epoch's batch (all ranks) stands in. Without it (the paper's ablation, supplement B) the
-batch statistics are used for every image. Advantages are clipped to [-adv_clip, adv_clip].
-Every rank gathers the world's prompts and rewards and computes the same advantages, so the
-tracker state is identical everywhere and checkpoints hold one copy.
+Advantages A_i = (r_i - mu) / (sd + 1e-6), clipped to [-adv_clip, adv_clip]; mu, sd from the prompt's
+last `buffer_size` rewards (the world's epoch batch until it holds `min_count`), or from the batch when
+ddpo.per_prompt_norm is off. Every rank computes the same advantages from the world's rewards, so the
+tracker state is identical everywhere. With rho_{i,t} = exp(log pi_theta - log pi_old) (cancellation-free,
+against the recorded eps_old, in ddpo.reduction units) the loss is PPO's clipped surrogate
 
-Loss. Per image i and denoising step t, rho_{i,t} = exp(log pi_theta - log pi_old), with the
-log-ratio computed without cancellation from the recorded eps_old (prdp_ds.logratio), in units of
-the mean over latent elements like DDPO's code (ddpo.reduction), and PPO's clipped surrogate
+    L = mean_{i,t} max(-A_i rho_{i,t}, -A_i clip(rho_{i,t}, 1 - eps, 1 + eps)),
 
-    L = mean_{i,t} max(-A_i rho_{i,t}, -A_i clip(rho_{i,t}, 1 - eps, 1 + eps)).
-
-L is a sum of per-(i, t) terms, so backpropagating each chunk of (images x steps) on its own and
-accumulating (DeepSpeed gradient accumulation, as in PRDP's pass 2) is exact; no pass 1 is needed.
-DDPO's optimizer step covers the epoch's whole rollout, K steps per epoch, exactly like PRDP's, so
-runs with the same train.* settings spend the same samples, reward queries and optimizer steps.
+a sum of per-(i, t) terms: each chunk of (images x steps) is backpropagated on its own, exactly, with
+DeepSpeed accumulation as in PRDP's pass 2 (no pass 1). K optimizer steps per epoch, as PRDP.
 """
 import math
 from collections import deque

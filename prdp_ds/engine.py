@@ -2,7 +2,7 @@
 
 The training config owns batch sizes, accumulation, gradient clipping and the optimizer; they are
 written into the DeepSpeed JSON, and a JSON that sets one of them to another value is an error.
-Accumulation equals the number of pass-2 backward calls per optimizer step (SPEC §6): ZeRO-2
+Accumulation equals the number of pass-2 backward calls per optimizer step (docs/design.md §8): ZeRO-2
 reduces gradients on every `engine.backward`, and with fewer accumulation steps than backward
 calls it silently produces wrong gradients. Each backward uses scale_wrt_gas=False, so the summed
 gradient is exactly that of the loss, and the sum is kept in fp32 (data_types.grad_accum_dtype).

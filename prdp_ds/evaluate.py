@@ -1,4 +1,4 @@
-"""Evaluate a base model and finetuned UNets on equal terms (paper §4.1, SPEC §10).
+"""Evaluate a base model and finetuned UNets on equal terms (paper §4.1, docs/design.md §13).
 
     python -m prdp_ds.evaluate --base tiny --model prdp=runs/prdp --prompts animals \
         --reward '{brightness: 1.0}' --samples 64 --output-dir runs/eval
@@ -8,17 +8,14 @@
         --samples 256 --output-dir runs/eval          # (torchrun --nproc_per_node 8 -m prdp_ds.evaluate ... too)
 
 Every model (row "base" plus each --model) samples the same prompts with the same seeds: image i of
-prompt k in a prompt set draws its noise from image_seeds(seed, EVAL_EPOCH, [k], S)[0, i]. Work is
-split into units (model x prompt set x --prompts-per-unit prompts), dealt round-robin to the ranks;
-rank 0 saves each finished unit's per-image rewards (and its grid images) to
-OUTPUT/partial/MODEL/SET/LO-HI.safetensors, so a rerun skips finished units. OUTPUT/partial/settings.json
-records the settings: a rerun with other settings is refused (new models or prompt sets may be added).
-Outputs: eval.json (mean, std, se, n per model x prompt set x reward, and paired differences to base),
-table.txt (as printed: models as rows, prompt sets as columns, one table per reward) and
-grids/SET.png (rows = models, the first --grid-prompts prompts x --grid-samples seeds).
---train-config FILE / --preset NAME take the defaults of base model, sampler, seed, prompts and reward
-from a training config (a run's OUTPUT/config.yaml works).
+prompt k in a prompt set draws its noise from image_seeds(seed, EVAL_EPOCH, [k], S)[0, i], so differences
+to the base are paired. Work is split into resumable units (model x prompt set x --prompts-per-unit prompts)
+dealt round-robin to the ranks; a rerun skips finished units and refuses other settings. Outputs: eval.json
+(mean, std, se, n per model x prompt set x reward, paired differences to base), table.txt, grids/SET.png.
+--train-config FILE / --preset NAME supply the defaults. Layout and options: docs/evaluate.md.
 """
+from __future__ import annotations
+
 import argparse
 import copy
 import hashlib
@@ -37,7 +34,6 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from prdp_ds import config as config_lib
-import prdp_ds.world  # noqa: F401  registers the synthetic world's prompt sets and rewards
 from prdp_ds.engine import run_on_ranks
 from prdp_ds.models import ModelLoadError, load_models
 from prdp_ds.prompts import load_prompts
@@ -222,7 +218,13 @@ def run_unit(models, reward_fn, prompts, ids, args):
     return {**out, "grid": grid.reshape(rows, min(S, args.grid_samples), *grid.shape[1:])}
 
 
-def evaluate(args, models_arg, sets, rank, world, device):
+def evaluate(args: argparse.Namespace, models_arg: list[tuple[str, str, str]], sets: dict[str, list[str]],
+             rank: int, world: int, device: torch.device) -> None:
+    """Collective, one call per rank: sample and score this rank's share of the pending units (model x
+    prompt set x prompts), rank 0 saving each; then rank 0 writes eval.json, table.txt and the grids.
+
+    models_arg: (name, kind, folder) per --model (`resolve_model`); sets: prompt set name -> prompts.
+    A unit's scores are (P, S) per reward for its P prompts x S = args.samples images."""
     out = Path(args.output_dir)
     settings = make_settings(args, models_arg, sets)
     reward_fn = build_reward(args.reward, device)  # unknown rewards fail here, before any sampling
@@ -352,7 +354,8 @@ def save_grid(path, rows, prompts):
     return path
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> None:
+    """`python -m prdp_ds.evaluate ARGV` (options: the module doc); a bad argument exits with one line."""
     try:
         args = parse_args(argv)
         models = [resolve_model(arg) for arg in args.model]

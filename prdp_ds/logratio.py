@@ -1,4 +1,4 @@
-"""Per-step log-ratios of the DDIM (eta > 0) policy, computed without cancellation (SPEC §3).
+"""Per-step log-ratios of the DDIM (eta > 0) policy, computed without cancellation (docs/design.md §4).
 
 Each denoising step t is a Gaussian policy N(mu, sigma_t^2 I) whose mean is affine in the guided
 noise prediction: mu = a_t x_t + b_t eps_hat. The log-ratio of two such policies that share x_t and
@@ -16,7 +16,7 @@ import math
 
 import torch
 
-REDUCTIONS = ("sum", "mean")
+from kernels.utils import REDUCTIONS
 
 
 def guided_eps(eps_uncond, eps_cond, guidance_scale):

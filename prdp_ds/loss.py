@@ -1,4 +1,4 @@
-"""The PRDP objective: reward difference prediction with proximal clipping (SPEC §4).
+"""The PRDP objective: reward difference prediction with proximal clipping (docs/design.md §2, §5).
 
 Per prompt group g, image i and step t, with r_{i,t} the log-ratio log pi_theta - log pi_ref:
     c_{i,t}  = clip(r_{i,t}, r_old_{i,t} - eps, r_old_{i,t} + eps)

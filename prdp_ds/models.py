@@ -7,6 +7,7 @@ is a view of the policy UNet with its adapters disabled, not a second copy.
 Weights load through safetensors only (`use_safetensors=True`): never an arbitrary pickle.
 """
 import copy
+import importlib
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,10 @@ SD_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SD14_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                       num_train_timesteps=1000, steps_offset=1, set_alpha_to_one=False,
                       clip_sample=False, prediction_type="epsilon")
+
+# Model families built in other modules: model.pretrained name -> "module:builder", imported only when
+# asked for; builder(weights, reference=...) with weights None (its default) or the part after "name:".
+MODEL_FAMILIES = {"world": "prdp_ds.world.model:build_world_models"}
 
 
 class ModelLoadError(RuntimeError):
@@ -119,7 +124,7 @@ def reference_copy(unet, reference=True):
 
 
 def make_scheduler(config=None):
-    """A DDIM scheduler (SD v1.4's schedule unless `config` is given), refusing what SPEC §2
+    """A DDIM scheduler (SD v1.4's schedule unless `config` is given), refusing what docs/design.md §3
     cannot express: x0 clipping, thresholding and non-epsilon predictions."""
     scheduler = DDIMScheduler.from_config(dict(config or SD14_SCHEDULER))
     cfg = scheduler.config
@@ -178,7 +183,9 @@ def load_pretrained(source, reference=True):
 def load_models(source, seed=0, reference=True):
     """`source` is 'tiny', 'world' (or 'world:WEIGHTS_DIR'), or a Stable Diffusion folder / hub id.
     reference=False builds no reference UNet (ref_unet None): no second copy is ever made."""
-    if source == "world" or source.startswith("world:"):  # the pretrained synthetic world (prdp_ds/world)
-        from prdp_ds.world.model import build_world_models
-        return build_world_models(None if source == "world" else source[len("world:"):], reference=reference)
+    family, colon, weights = source.partition(":")
+    if family in MODEL_FAMILIES:  # e.g. the pretrained synthetic world (prdp_ds/world)
+        module, _, attr = MODEL_FAMILIES[family].partition(":")
+        build = getattr(importlib.import_module(module), attr)
+        return build(weights if colon else None, reference=reference)
     return build_tiny(seed, reference) if source == "tiny" else load_pretrained(source, reference)

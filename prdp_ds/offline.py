@@ -1,5 +1,5 @@
-"""Offline mode (paper §4.3, `algo.online: false`): train on a fixed dataset sampled once from
-the reference model instead of from the current policy.
+"""Offline mode (paper §4.3, `algo.online: false`; docs/design.md §6): train on a fixed dataset sampled
+once from the reference model instead of from the current policy.
 
 The dataset holds, for every training epoch e, the rollout the online run would sample at epoch e
 (the same prompts and per-image seeds) but drawn from pi_ref, with its rewards: the same number of

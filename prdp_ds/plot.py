@@ -2,22 +2,12 @@
 
     python -m prdp_ds.plot RUN_DIR [LABEL=RUN_DIR ...] [--out comparison.png] [--metrics reward_mean,loss]
 
-Each positional argument is a run directory holding metrics.jsonl, optionally prefixed ``LABEL=``.
-Without a label, a run is named after its directory plus ``algo.name`` from its config.yaml
-("run7 (prdp)"). Runs given the same label (seeds of one config) are aggregated. The figure goes
-to --out (default: comparison.png in the current directory).
-
-Default panels: reward_mean, every ``reward/<component>`` found, the sample grid's ``eval/...`` scores
-(fixed prompts and seeds, so epochs compare paired), loss, clip_frac, kl, grad_norm;
-panels no run has data for are left out, and a run lacking a key is absent from that panel.
-Bands are mean ± standard error:
-  * one run under a label: the run's per-epoch value; for reward_mean the band is
-    reward_std / sqrt(num_images), for any other key ``<key>_std / sqrt(num_images)`` when the
-    run logs ``<key>_std`` (e.g. ``reward/pickscore_std``), otherwise no band;
-  * several runs under a label: per epoch, the mean over the runs with a finite value there,
-    ± std across those runs (ddof=1) / sqrt(n_runs); no band at epochs with fewer than 2 runs.
-NaN values (skipped steps) are dropped. If metrics.jsonl repeats an epoch (a resume), the last
-record wins.
+Each positional argument is a run directory holding metrics.jsonl, optionally prefixed ``LABEL=`` (without
+one, the directory name plus ``algo.name`` from its config.yaml). Bands are mean ± standard error: runs under
+one label (seeds of one config) give, per epoch, the mean over the runs with a finite value there ± std
+across them (ddof=1) / sqrt(n_runs), no band below 2 runs; a single run gives its value ± ``<key>_std /
+sqrt(num_images)`` when it logs ``<key>_std`` (reward_std for reward_mean). NaN values (skipped steps) are
+dropped; a repeated epoch (a resume) keeps its last record. Default panels and options: docs/evaluate.md.
 
 Library use: ``read_metrics(run_dir)``, ``aggregate(records_per_run, key)``, ``plot_runs(runs, out)``.
 """

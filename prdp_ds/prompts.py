@@ -1,36 +1,27 @@
 """Prompt sets, their loaders, and the deterministic per-epoch prompt draw.
 
-A prompt set comes from a named set (the registry below; "animals" holds the 45 common animals of
-DDPO / PRDP's small-scale experiments, and other modules may add their own with
-`register_prompt_set`) or from a local file, chosen by its extension: .txt (one prompt per line),
-.jsonl (one object per line, the prompt under `field`), .json (a list of strings, a list of objects
-with `field`, or an object with such a list under "prompts"), .csv (a header row; the column named
-`field`) and .parquet (the column `field`; needs pyarrow). HPDv2's train json holds objects with
-"prompt", Pick-a-Pic's parquet a "caption" column. A folder reads every file of a supported type in
-it, in name order (e.g. Pick-a-Pic's parquet shards, of which only the `field` column is read).
+A prompt set is a named set (the registry below: "animals" holds the 45 animals of DDPO / PRDP's
+small-scale experiments; `register_prompt_set` adds more) or a local .txt, .jsonl, .json, .csv or .parquet
+file, or a folder of them, the prompt read from the `field` column or key. Loading finds every problem at
+start: empty, invalid, duplicate (with `dedupe`) and over-length entries are counted (read = empty + invalid
++ duplicates + dropped + kept), the template is applied, and prompts longer than the text encoder's context
+are kept (the encoder truncates them, as SD does) or dropped. A file that cannot be read, is malformed,
+lacks the field or leaves no prompt is a ValueError naming the file and the config key to fix. Formats and
+options: docs/prompts.md.
 
-Loading never fails mid-run: every problem is found at start. Each entry is stripped; empty entries
-and entries that are not strings (null, numbers, objects lacking the field) are skipped and counted;
-repeats are skipped (the first occurrence kept) when `dedupe` is on; the template is applied; and,
-given a tokenizer's `token_lengths` and `max_tokens`, prompts longer than the text encoder's context
-are counted and kept (the encoder truncates them, as SD does) or dropped. The counts satisfy
-read = empty + invalid + duplicates + dropped + kept. A file that cannot be read, is malformed, lacks
-the field, or leaves no prompt is a ValueError naming the file and the config key to fix.
-
-The draw works like a DataLoader with drop_last over a stream of seeded permutations of the set:
-pass p is the permutation drawn by numpy's default_rng([seed, p]), and with N prompts per epoch and
-K = num_prompts // N epochs per pass, epoch e takes the slice [(e % K) * N, (e % K + 1) * N) of pass
-e // K (the num_prompts % N prompts left at a pass's end are skipped, a different few each pass).
-The epoch's global list is thus a pure function of (seed, epoch): every rank computes the same list
-and takes its own disjoint slice (`rank_slice`), no prompt repeats within an epoch (so none is
-sampled on two ranks at once), none repeats within a pass, and resuming needs only the epoch number;
-`state_dict` records (seed, size, fingerprint, N) with it, and `check_state` refuses to resume when
-they changed. When N exceeds the set's size, epoch e concatenates passes e*M .. e*M+M-1 (M = ceil(N /
-num_prompts)) cut to N; repeats within the epoch are then unavoidable (`repeats_within_epoch`).
+The draw: pass p is the permutation of the set drawn by numpy's default_rng([seed, p]); with N prompts per
+epoch and K = num_prompts // N epochs per pass, epoch e takes the slice [(e % K) * N, (e % K + 1) * N) of
+pass e // K (the num_prompts % N prompts left at a pass's end are skipped). The epoch's list is a pure
+function of (seed, epoch): every rank takes its own disjoint slice (`rank_slice`), no prompt repeats within
+an epoch or a pass, and resuming needs only the epoch number (`state_dict` records (seed, size, fingerprint,
+N); `check_state` refuses to resume when they changed). When N exceeds the set's size, epoch e concatenates
+passes e*M .. e*M+M-1 (M = ceil(N / num_prompts)) cut to N, so prompts repeat within the epoch
+(`repeats_within_epoch`).
 """
 import csv
 import dataclasses
 import hashlib
+import importlib
 import io
 import json
 from pathlib import Path
@@ -44,11 +35,29 @@ ANIMALS = (
 
 PROMPT_SETS = {}  # name -> zero-argument function returning the set's raw prompts
 
+# Named sets defined in other modules: name -> "module:function", imported the first time the name is
+# used (this module imports none of them).
+BUILTIN_PROMPT_SETS = {
+    "world_small": "prdp_ds.world.scenes:world_small_prompts",
+    "world_large": "prdp_ds.world.scenes:world_large_prompts",
+    "world_seen": "prdp_ds.world.scenes:world_seen_prompts",
+    "world_demo": "prdp_ds.world.scenes:world_demo_prompts",
+    "world_unseen": "prdp_ds.world.scenes:world_unseen_prompts",
+}
+
+
+def _prompt_set(name):
+    """The function of the named set `name` (a built-in's module is imported on first use), or None."""
+    if name not in PROMPT_SETS and name in BUILTIN_PROMPT_SETS:
+        module, _, attr = BUILTIN_PROMPT_SETS[name].partition(":")
+        PROMPT_SETS[name] = getattr(importlib.import_module(module), attr)
+    return PROMPT_SETS.get(name)
+
 
 def register_prompt_set(name):
     """Decorator registering a zero-argument function that returns a named set's raw prompts."""
     def register(fn):
-        if PROMPT_SETS.get(name, fn) is not fn:
+        if _prompt_set(name) not in (None, fn):
             raise ValueError(f"prompt set {name!r} is already registered")
         PROMPT_SETS[name] = fn
         return fn
@@ -56,7 +65,7 @@ def register_prompt_set(name):
 
 
 def prompt_set_names():
-    return sorted(PROMPT_SETS)
+    return sorted(PROMPT_SETS.keys() | BUILTIN_PROMPT_SETS.keys())
 
 
 register_prompt_set("animals")(lambda: ANIMALS)
@@ -93,7 +102,7 @@ class PromptSet:
         if c["over_length"]:
             action = "dropped" if self.over_length == "drop" else "truncated"
             notes.append(f"{c['over_length']:,} over {self.max_tokens} tokens {action}")
-        name = self.source if self.source in PROMPT_SETS else Path(self.source).name
+        name = self.source if self.source in prompt_set_names() else Path(self.source).name
         return f"prompts: {len(self):,} from {name}" + (f" ({', '.join(notes)})" if notes else "")
 
 
@@ -195,8 +204,9 @@ def load_prompts(source, template="{}", field="prompt", dedupe=True, over_length
     if (token_lengths is None) != (max_tokens is None):
         raise ValueError("load_prompts: token_lengths and max_tokens go together")
     source = str(source)
-    if source in PROMPT_SETS:
-        entries = list(PROMPT_SETS[source]())
+    named = _prompt_set(source)
+    if named is not None:
+        entries = list(named())
     else:
         path = Path(source)
         files = sorted(f for f in path.iterdir() if f.suffix.lower() in READERS) if path.is_dir() else [path]

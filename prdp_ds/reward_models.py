@@ -1,12 +1,7 @@
-"""Pretrained human-preference rewards: HPSv2, PickScore, LAION aesthetic (SPEC §8).
+"""Pretrained human-preference rewards: HPSv2, PickScore, LAION aesthetic (docs/design.md §12).
 
 Each is registered in the reward registry (`prdp_ds.rewards`) under its name; its options become
-config keys, e.g.
-
-    reward:
-      hpsv2: {weight: 2.0, checkpoint: /weights/HPS_v2_compressed.pt}
-      pickscore: {weight: 10.0, model: /weights/PickScore_v1, processor: /weights/CLIP-ViT-H-14-laion2B-s32B-b79K}
-      aesthetic: {weight: 0.05, mlp: /weights/sac+logos+ava1-l14-linearMSE.pth, clip_model: /weights/clip-vit-large-patch14}
+config keys (`reward: {hpsv2: {weight: 2.0, checkpoint: PATH}}`; all keys and files: docs/rewards.md).
 
 Scores and scales (they fix the meaning of beta):
 - hpsv2: cosine(image, text) of OpenCLIP ViT-H-14 with the HPSv2 checkpoint (SD1.4 ~ 0.27).
@@ -14,18 +9,11 @@ Scores and scales (they fix the meaning of beta):
 - aesthetic: LAION improved-aesthetic-predictor MLP on the L2-normalized CLIP ViT-L/14 image
   embedding, 0-10 scale (SD1.4 ~ 5.5).
 
-Nothing is downloaded. A path option is a local file/folder; left at None it is looked up in the
-local Hugging Face hub cache (no network) under the public repository, and a folder option may also
-name a hub repository ("owner/name") found in that cache. Weights load with safetensors or
-torch.load(weights_only=True); a missing or wrong file fails at construction with a RewardError that
-names the config key, the expected file and where the public weights come from.
-
-Images are preprocessed as tensors on the reward's device, batched, reproducing each model's own
-PIL preprocessing (uint8 quantization, PIL's two-pass antialiased bicubic resize with its
-intermediate uint8 rounding, center crop or pad with the model's rounding, normalization
-constants); the models run without grad, under bf16 autocast on CUDA. Each model is loaded once per
-process and kept (`_MODELS`, keyed by the resolved paths, their mtimes, the architecture and the
-device); each rank scores its own images (no gathering here).
+Nothing is downloaded: paths are local (or found in the local hub cache); weights load with safetensors
+or torch.load(weights_only=True); a missing or wrong file fails at construction with a RewardError naming
+the config key. Images are preprocessed batched as tensors on the reward's device, reproducing each
+model's own PIL preprocessing; the models run without grad (bf16 autocast on CUDA), are loaded once per
+process (`_MODELS`), and each rank scores its own images.
 """
 import copy
 import json
@@ -38,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from prdp_ds.rewards import RewardError, register_reward
+from prdp_ds.rewards import RewardError
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -419,7 +407,6 @@ def _build_hpsv2(key_prefix, checkpoint, cfg, preprocess_cfg, builtin, device):
     return _HPSv2Bundle(model, tokenizer, preprocess)
 
 
-@register_reward("hpsv2")
 def hpsv2(device="cpu", checkpoint=None, clip_model="ViT-H-14", batch_size=32, bf16=True):
     """HPSv2: cosine(image, text) of OpenCLIP ViT-H-14 loaded with the HPSv2 checkpoint (SD1.4 ~ 0.27).
 
@@ -518,7 +505,6 @@ def _build_pickscore(key, model_dir, processor_dir, device):
     return _PickScoreBundle(model, tokenizer, preprocess, max_length)
 
 
-@register_reward("pickscore")
 def pickscore(device="cpu", model=None, processor=None, batch_size=32, bf16=True):
     """PickScore: logit_scale * cosine / 100 with PickScore_v1 (SD1.4 ~ 0.21).
 
@@ -597,7 +583,6 @@ def _build_aesthetic(key, mlp_path, clip_dir, device):
     return _AestheticBundle(clip, mlp, preprocess)
 
 
-@register_reward("aesthetic")
 def aesthetic(device="cpu", mlp=None, clip_model=None, batch_size=32, bf16=True):
     """LAION aesthetic score, 0-10 scale (SD1.4 ~ 5.5).
 

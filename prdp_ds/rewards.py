@@ -1,4 +1,4 @@
-"""Rewards: black-box scorers of images, a registry by name, and weighted sums (SPEC §8).
+"""Rewards: black-box scorers of images, a registry by name, and weighted sums (docs/design.md §12).
 
 A reward is a callable (images, prompts) -> scores: images (n, 3, H, W) float in [0, 1], prompts a
 list of n strings, scores (n,) float. It runs without grad. A reward is made by a factory
@@ -11,15 +11,29 @@ A key holding ':' names a user's callable "module:function" with the same signat
 options, the function is a factory called with them that returns the callable). Named
 combinations (COMBINATIONS) expand to their components.
 """
+from __future__ import annotations
+
 import importlib
 import inspect
 import io
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-_REGISTRY = {}
+_REGISTRY = {}  # name -> factory(device, **options) -> reward callable
+
+# Rewards defined in other modules: name -> "module:factory", imported the first time the name is used
+# (this module imports none of them).
+BUILTIN_REWARDS = {
+    "hpsv2": "prdp_ds.reward_models:hpsv2",
+    "pickscore": "prdp_ds.reward_models:pickscore",
+    "aesthetic": "prdp_ds.reward_models:aesthetic",
+    "world_aesthetic": "prdp_ds.world.rewards:world_aesthetic",
+    "world_alignment": "prdp_ds.world.rewards:world_alignment",
+    "world_judge": "prdp_ds.world.rewards:world_judge",
+}
 
 # The paper's multi-reward run (Table 3): 10 PickScore + 2 HPSv2 + 0.05 Aesthetic.
 COMBINATIONS = {"multi_reward": {"pickscore": 10.0, "hpsv2": 2.0, "aesthetic": 0.05}}
@@ -40,7 +54,7 @@ class NonFiniteRewardError(RewardError):
 def register_reward(name):
     """Decorator: register `factory(device, **options) -> reward callable` under `name`."""
     def wrap(factory):
-        if name in _REGISTRY:
+        if name in _REGISTRY or name in BUILTIN_REWARDS:
             raise RewardError(f"reward {name!r} is already registered")
         _REGISTRY[name] = factory
         return factory
@@ -48,13 +62,26 @@ def register_reward(name):
 
 
 def available_rewards():
-    return sorted(_REGISTRY) + sorted(COMBINATIONS)
+    return sorted(_REGISTRY.keys() | BUILTIN_REWARDS.keys()) + sorted(COMBINATIONS)
+
+
+def _resolve(path):
+    """'package.module:attribute' -> that attribute, importing the module."""
+    module_name, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def _factory(name):
+    """The factory registered as `name` (a built-in's module is imported on first use), or None."""
+    if name not in _REGISTRY and name in BUILTIN_REWARDS:
+        _REGISTRY[name] = _resolve(BUILTIN_REWARDS[name])
+    return _REGISTRY.get(name)
 
 
 def _import_callable(path):
     module_name, _, attr = path.partition(":")
     try:
-        return getattr(importlib.import_module(module_name), attr)
+        return _resolve(path)
     except (ImportError, AttributeError) as err:
         raise RewardError(f"custom reward {path!r}: cannot import {attr!r} from {module_name!r} ({err})") from err
 
@@ -63,10 +90,10 @@ def _make_one(name, options, device):
     if ":" in name:
         fn = _import_callable(name)
         return fn(**options) if options else fn
-    if name not in _REGISTRY:
+    factory = _factory(name)
+    if factory is None:
         raise RewardError(f"unknown reward {name!r}; available: {', '.join(available_rewards())} "
                           "or a 'module:function' path")
-    factory = _REGISTRY[name]
     params = inspect.signature(factory).parameters
     unknown = sorted(set(options) - set(params) - {"device"})
     if unknown:
@@ -127,7 +154,9 @@ class CombinedReward:
         return total, parts
 
 
-def build_reward(spec, device="cpu"):
+def build_reward(spec: dict[str, Any], device: str | torch.device = "cpu") -> CombinedReward:
+    """A config's reward mapping (name -> weight or {weight, options}) -> CombinedReward, whose call
+    takes images (n, 3, H, W) in [0, 1] and n prompts and returns (total (n,), {name: scores (n,)})."""
     return CombinedReward(spec, device)
 
 
@@ -162,4 +191,3 @@ def jpeg_incompressibility(device="cpu", quality=95):
 def brightness(device="cpu"):
     """Mean pixel value in [0, 1]."""
     return lambda images, prompts: images.float().mean(dim=(1, 2, 3))
-from prdp_ds import reward_models  # noqa: E402,F401  registers hpsv2, pickscore, aesthetic

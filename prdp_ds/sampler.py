@@ -1,4 +1,5 @@
-"""Sampler: DDIM with eta = 1 and classifier-free guidance, recording what PRDP needs (SPEC §2).
+"""Sampler: DDIM with eta = 1 (any eta in (0, 1]) and classifier-free guidance, recording what PRDP needs
+(docs/design.md §3).
 
 Per step, with guided prediction eps_hat = eps_u + w (eps_c - eps_u):
     x0_hat   = (x_t - sqrt(1 - ab_t) eps_hat) / sqrt(ab_t)
@@ -7,21 +8,29 @@ Per step, with guided prediction eps_hat = eps_u + w (eps_c - eps_u):
     x_{t-1}  = mu + sigma_t z
 Each image draws its start latent and all step noises from its own seed, so a (seed, prompt)
 gives the same trajectory at any batch size and on any rank. The frozen reference UNet's guided
-prediction eps_ref at the same x_t and the cancellation-free log-ratio r_old (SPEC §3) are
+prediction eps_ref at the same x_t and the cancellation-free log-ratio r_old (docs/design.md §4) are
 recorded beside the trajectory; images are decoded to [0, 1]. When the policy is the reference
 itself (offline datasets), the reference pass is not repeated: eps_ref is eps_old and r_old = 0.
 A rollout (one rank's trajectories and rewards) is saved to and loaded from safetensors.
 """
+from __future__ import annotations
+
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from prdp_ds.config import CHOICES
 from prdp_ds.logratio import cfg_step_log_ratio, guided_eps
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from prdp_ds.models import Models
 
 ROLLOUT_FIELDS = ("latents", "eps_old", "eps_ref", "log_ratio_old", "images", "seeds")
 
@@ -151,9 +160,14 @@ class Trajectories:
 
 
 @torch.no_grad()
-def sample(models, prompts, seeds, num_steps, guidance_scale, eta=1.0, batch_size=16,
-           reduction="sum", impl="torch", with_reference=True, spacing="uniform"):
+def sample(models: Models, prompts: Sequence[str], seeds: torch.Tensor, num_steps: int, guidance_scale: float,
+           eta: float = 1.0, batch_size: int = 16, reduction: str = "sum", impl: str = "torch",
+           with_reference: bool = True, spacing: str = "uniform") -> Trajectories:
     """Sample G groups x B images (seeds (G, B)) with the policy `models.unet`.
+
+    prompts: G strings; seeds: (G, B) int64 (`image_seeds`); num_steps: T. Returns Trajectories with
+    latents (G, B, T + 1, C, h, w), eps_old and eps_ref (G, B, T, C, h, w), log_ratio_old (G, B, T)
+    and images (G, B, 3, H, W) in [0, 1].
 
     batch_size: images per UNet call (the CFG batch is twice that). With with_reference=False only
     latents and images are filled (evaluation); eps_old, eps_ref and log_ratio_old are None.

@@ -1,4 +1,4 @@
-"""PRDP training (paper Algorithm 1, SPEC §5) on a DeepSpeed engine.
+"""PRDP training (paper Algorithm 1, docs/design.md §6) on a DeepSpeed engine.
 
     python -m prdp_ds.train [--config ds_configs/zero2.json] [--preset demo] [--set key=value ...]
     deepspeed --num_gpus 8 --module prdp_ds.train --config ds_configs/zero2.json --preset small ...
@@ -22,7 +22,6 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from prdp_ds import config as config_lib
-import prdp_ds.world  # noqa: F401  registers the synthetic world's prompt sets and rewards
 from prdp_ds.ddpo import PerPromptStatTracker, advantages, ddpo_step
 from prdp_ds.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from prdp_ds.engine import batch_arithmetic, build_ds_config, load_ds_json, make_engine, make_optimizer, run_on_ranks

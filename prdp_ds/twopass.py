@@ -1,4 +1,4 @@
-"""One PRDP optimizer step with exact, memory-bounded backprop over whole trajectories (SPEC §6).
+"""One PRDP optimizer step with exact, memory-bounded backprop over whole trajectories (docs/design.md §7, §8).
 
 The loss couples all T steps of an image (R_i is a mean over t), so per-step backward is wrong
 and one graph through T UNet calls does not fit. Checkpointing at the level of the per-step
@@ -12,7 +12,10 @@ Across ranks the loss is the mean over all valid groups of the world: each rank 
 mean by (local valid groups x world size / global valid groups) so DeepSpeed's gradient average
 gives exactly the global mean.
 """
+from __future__ import annotations
+
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -20,6 +23,12 @@ import torch.distributed as dist
 from prdp_ds.logratio import cfg_step_log_ratio
 from prdp_ds.loss import rdp_diagnostics, rdp_loss
 from prdp_ds.sampler import cfg_predict
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
+    from prdp_ds.config import Config
+    from prdp_ds.sampler import Trajectories
 
 
 def chunks(cfg, n_images):
@@ -76,11 +85,14 @@ def valid_group_scale(rewards):
     return (local * world / total.clamp(min=1)).item(), int(total.item())
 
 
-def prdp_step(engine, traj, rewards, cond, uncond, cfg, impl, first_step):
+def prdp_step(engine: DeepSpeedEngine, traj: Trajectories, rewards: torch.Tensor, cond: torch.Tensor,
+              uncond: torch.Tensor, cfg: Config, impl: str, first_step: bool) -> dict[str, float | str]:
     """Pass 1 (unless first_step), loss, pass 2 and one DeepSpeed optimizer step.
 
-    rewards: (G, B) fp32 on the device. Returns a dict of floats; 'skipped' names the non-finite
-    quantity (reward, loss or grad_norm) when the step was not applied, on every rank alike."""
+    traj: this rank's (G, B, T) rollout; cond: (G * B, L, dim) prompt embeddings in image order;
+    uncond: (1, L, dim) the empty prompt's; rewards: (G, B) fp32 on the device. Returns a dict of
+    floats; 'skipped' names the non-finite quantity (reward, loss or grad_norm) when the step was
+    not applied, on every rank alike."""
     G, B, T = traj.log_ratio_old.shape
     scale, n_valid = valid_group_scale(rewards)
     r_theta = traj.log_ratio_old if first_step else policy_log_ratios(engine, traj, cond, uncond, cfg, impl)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 # Triton kernels run under the interpreter on machines without a GPU; this must be set before any
-# kernel module is imported (SPEC §12).
+# kernel module is imported (docs/design.md §11).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -24,12 +24,29 @@ def world():
 @pytest.fixture
 def poison(monkeypatch):
     """Every kernel launcher output starts as NaN, so an element a kernel fails to write cannot pass."""
-    import kernels.step_logratio as sl
-    real = sl.empty_out
+    import kernels.utils as ku
+    real = ku.empty_out
 
     def nan_empty(shape, dtype, device):
         return real(shape, dtype, device).fill_(float("nan"))
-    monkeypatch.setattr(sl, "empty_out", nan_empty)
+    monkeypatch.setattr(ku, "empty_out", nan_empty)
+
+
+@pytest.fixture(scope="module")
+def rollout():
+    """A tiny policy moved away from its reference, its (G, B, T) = (2, 3, 4) rollout and (G, B) rewards."""
+    from helpers import B, T, W
+
+    from prdp_ds.models import build_tiny
+    from prdp_ds.sampler import image_seeds, sample
+    models = build_tiny(0)
+    gen = torch.Generator().manual_seed(2)  # seeded: no r lands at a clip edge, where the loss has a kink
+    with torch.no_grad():  # a policy that already moved away from the reference
+        for p in models.unet.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=gen))
+    traj = sample(models, ["a cat", "a red fox"], image_seeds(0, 0, [0, 1], B), T, W)
+    rewards = torch.tensor([[0.30, 0.10, 0.20], [0.05, 0.25, 0.15]])
+    return models, traj, rewards
 
 
 @pytest.fixture(scope="session")

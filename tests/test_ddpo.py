@@ -4,7 +4,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from test_twopass import B, G, _cfg, _engine, _rel, full_graph_log_ratios, rollout  # noqa: F401  (fixture)
+from helpers import B, G, _cfg, _engine, _rel, full_graph_log_ratios
 
 from prdp_ds.ddpo import PerPromptStatTracker, advantages, batch_advantages, ddpo_step, ppo_loss
 

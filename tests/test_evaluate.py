@@ -1,4 +1,5 @@
-"""`prdp_ds.evaluate`: equal-terms comparison of a base model and finetuned UNets (SPEC §10), on tiny models."""
+"""`prdp_ds.evaluate`: equal-terms comparison of a base model and finetuned UNets (docs/design.md §13), on tiny
+models."""
 import json
 import math
 import os

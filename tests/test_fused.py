@@ -1,4 +1,4 @@
-"""kernels.fused (SPEC §7, (a)+(b) over whole trajectories) against an fp64 reference and the
+"""kernels.fused (docs/design.md §10.3: §10.1 + §10.2 over whole trajectories) against an fp64 reference and the
 PyTorch reference (cfg_step_log_ratio(impl="torch") + rdp_loss(impl="torch")).
 
 Tolerance rule: the kernel's max error vs fp64 must be <= 2x the same-dtype PyTorch reference's
@@ -6,7 +6,7 @@ error vs fp64, plus a small atol relative to the quantity's scale."""
 import pytest
 import torch
 
-import kernels.step_logratio as sl
+import kernels.utils as ku
 from kernels import fused_prdp_loss_triton, rdp_loss_triton, step_log_ratio_triton
 from prdp_ds.logratio import cfg_step_log_ratio
 from prdp_ds.loss import rdp_loss
@@ -168,13 +168,13 @@ def test_memory_bounded(monkeypatch):
     G, B, T = kw["log_ratios_old"].shape
     rows, full = G * B * T, kw["eps_uncond"].numel()
     sizes = []
-    real = sl.empty_out
+    real = ku.empty_out
 
     def recording(shape, dtype, device):
         out = real(shape, dtype, device)
         sizes.append(out.numel())
         return out
-    monkeypatch.setattr(sl, "empty_out", recording)
+    monkeypatch.setattr(ku, "empty_out", recording)
     eu, ec = kw["eps_uncond"].clone().requires_grad_(), kw["eps_cond"].clone().requires_grad_()
     inputs = [eu, ec, kw["eps_ref"], kw["x_t"], kw["x_prev"]]
     saved = []

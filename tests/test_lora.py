@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from helpers import B, G, RecordingSGD, T, W, _cfg
 
 from prdp_ds.checkpoint import save_checkpoint, save_unet
 from prdp_ds.engine import build_ds_config, make_engine
@@ -16,7 +17,6 @@ from prdp_ds.loss import rdp_loss
 from prdp_ds.models import TINY, build_tiny
 from prdp_ds.sampler import image_seeds, sample
 from prdp_ds.twopass import policy_log_ratios, prdp_step
-from test_twopass import B, G, T, W, RecordingSGD, _cfg
 
 PROMPTS = ["a cat", "a red fox"]
 REWARDS = torch.tensor([[0.30, 0.10, 0.20], [0.05, 0.25, 0.15]])
@@ -99,7 +99,7 @@ def test_at_init_the_log_ratio_is_exactly_zero_and_the_reference_is_the_base(ran
 
 
 def full_graph_grad(unet, models, traj, rewards, cfg, dtype=torch.float32):
-    """Autograd through all T UNet calls of every image and the loss of SPEC §4 -> d loss / d adapters.
+    """Autograd through all T UNet calls of every image and the loss of docs/design.md §5 -> d loss / d adapters.
     dtype=float64 runs a float64 copy of `unet` with the log-ratio formed in float64 (the yardstick)."""
     if dtype != torch.float32:
         unet = copy.deepcopy(unet).to(dtype)
@@ -115,7 +115,7 @@ def full_graph_grad(unet, models, traj, rewards, cfg, dtype=torch.float32):
         a, b, sigma = (c[k].to(dtype) for c in (s.a, s.b, s.sigma))
         if dtype == torch.float32:  # the production formula (fp32)
             ratios.append(step_log_ratio(eps, eps_ref[:, k], x, lat[:, k + 1], a, b, sigma))
-        else:  # SPEC §3 in float64
+        else:  # docs/design.md §4 in float64
             resid = 2 * lat[:, k + 1] - 2 * a * x - b * (eps + eps_ref[:, k])
             ratios.append((b * (eps - eps_ref[:, k]) * resid).flatten(1).sum(1) / (2 * sigma ** 2))
     r = torch.stack(ratios, dim=1).reshape(G, B, T)

@@ -7,7 +7,7 @@ from prdp_ds.loss import prdp_loss_reference, rdp_diagnostics, rdp_loss
 
 
 def brute_force(r, r_old, rewards, eps, beta):
-    """Loop over groups and pairs exactly as SPEC §4 reads (fp64, autograd-capable)."""
+    """Loop over groups and pairs exactly as docs/design.md §2 and §5 state it (fp64, autograd-capable)."""
     group_losses = []
     for g in range(r.shape[0]):
         R, C = [], []

@@ -59,7 +59,6 @@ def test_load_pretrained_round_trip(tmp_path):
 def test_reference_false_makes_no_copy(tmp_path, monkeypatch, source):
     """Evaluation loads with reference=False: no reference UNet, and no deep copy of the UNet is made
     (at SD size 860 M fp32 parameters: 3.4 GB of host memory)."""
-    import prdp_ds.world  # noqa: F401  (registers the world)
     if source == "sd_folder":
         _save_as_sd_folder(build_tiny(3), tmp_path)
         source = str(tmp_path)

@@ -3,9 +3,9 @@ import json
 
 import pytest
 import torch
+from helpers import SMALL, TIMING, metrics, run
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_train import SMALL, TIMING, metrics, run
 
 OFFLINE = [*SMALL, "--set", "algo.online=false", "--set", "train.epochs=3"]
 

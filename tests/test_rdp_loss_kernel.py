@@ -1,4 +1,4 @@
-"""kernels.rdp_loss (SPEC §4, §7b) against an fp64 reference and the PyTorch reference
+"""kernels.rdp_loss (docs/design.md §5, §10.2) against an fp64 reference and the PyTorch reference
 prdp_ds.loss.rdp_loss(..., impl="torch"), including torch's tie convention for the max (torch.maximum
 splits 0.5/0.5 at exact ties); at an exact clip bound the kernel's documented subgradient (0.5 per
 bound touched) is checked against a reference that writes it out, since torch.clamp's differs

@@ -1,4 +1,4 @@
-"""Pretrained preference rewards (HPSv2, PickScore, LAION aesthetic): parity on CPU (SPEC §8, §12).
+"""Pretrained preference rewards (HPSv2, PickScore, LAION aesthetic): parity on CPU (docs/design.md §12, §14).
 
 No weights can be downloaded here, so every model is the real architecture (open_clip CLIP,
 transformers CLIPModel, the aesthetic MLP) at a tiny width with random weights, saved in the

@@ -1,4 +1,4 @@
-"""kernels.step_logratio (SPEC §3, §7a) against an fp64 reference and the PyTorch reference
+"""kernels.step_logratio (docs/design.md §4, §10.1) against an fp64 reference and the PyTorch reference
 prdp_ds.logratio.cfg_step_log_ratio(..., impl="torch").
 
 Tolerance rule: the kernel's max error vs fp64 must be <= 2x the same-dtype PyTorch reference's
@@ -6,7 +6,7 @@ error vs fp64, plus a small atol relative to the quantity's natural scale."""
 import pytest
 import torch
 
-import kernels.step_logratio as sl
+import kernels.utils as ku
 from kernels import step_log_ratio_triton
 from prdp_ds.logratio import cfg_step_log_ratio
 
@@ -180,7 +180,7 @@ def test_validation_errors():
 
 
 def test_cpu_tensors_need_the_interpreter(monkeypatch):
-    monkeypatch.setattr(sl, "INTERPRET", False)
+    monkeypatch.setattr(ku, "INTERPRET", False)
     eu, ec, er, xt, xp, a, b, s = (x.cpu() if isinstance(x, torch.Tensor) else x for x in make_inputs(2, (3,), seed=23))  # CPU even on a GPU machine
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         step_log_ratio_triton(eu, ec, er, xt, xp, a, b, s, W)

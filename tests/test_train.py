@@ -3,53 +3,17 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO, SMALL, TIMING, _port, metrics, run
 from safetensors.torch import load_file
-
-REPO = Path(__file__).resolve().parent.parent
-SMALL = ["--set", "sampler.num_steps=3", "--set", "train.prompts_per_epoch=4", "--set", "train.images_per_prompt=4",
-         "--set", "train.steps_per_epoch=2", "--set", "output.sample_every=0", "--set", "train.images_per_chunk=8",
-         "--set", "train.steps_per_chunk=2"]
-TIMING = ("sample_s", "train_s", "images_per_s", "peak_mem_mb")
-
-
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run(args, ranks=1, check=True, threads=None):
-    """`python -m prdp_ds.train ARGS` (the `tiny_demo` preset unless ARGS name a preset or config file)."""
-    if "--preset" not in args and "--train-config" not in args:
-        args = ["--preset", "tiny_demo", *args]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MASTER_PORT": str(_port())}
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    if ranks == 1:
-        cmd = [sys.executable, "-m", "prdp_ds.train", *args]
-    else:  # one torch thread per rank: two ranks x two threads on 2 cores run several times slower
-        env.setdefault("OMP_NUM_THREADS", "1")
-        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", env["MASTER_PORT"],
-               "--module", "prdp_ds.train", *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
 
 
 def unet_params(ckpt):
     return load_file(str(ckpt / "unet" / "diffusion_pytorch_model.safetensors"))
-
-
-def metrics(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.slow

@@ -1,94 +1,20 @@
-"""The two-pass step through a DeepSpeed ZeRO-2 engine equals full-graph autograd (SPEC §6)."""
+"""The two-pass step through a DeepSpeed ZeRO-2 engine equals full-graph autograd (docs/design.md §7, §8)."""
 import copy
 
 import pytest
 import torch
+from helpers import B, G, RecordingSGD, T, _cfg, _engine, _rel, full_graph_log_ratios
 
-from prdp_ds.config import Config
 from prdp_ds.engine import build_ds_config, make_engine
-from prdp_ds.logratio import guided_eps, step_log_ratio
 from prdp_ds.loss import rdp_loss
-from prdp_ds.models import build_tiny
-from prdp_ds.sampler import image_seeds, sample
 from prdp_ds.twopass import prdp_step
-
-W, T, G, B = 5.0, 4, 2, 3
-
-
-class RecordingSGD(torch.optim.Optimizer):
-    """SGD that records the gradients DeepSpeed hands it (ZeRO's flat fp32 partitions)."""
-
-    def __init__(self, params, lr, max_change=None):
-        super().__init__(params, {"lr": lr})
-        self.seen = []
-        self.max_change = max_change  # if set, scale the step so no parameter moves more than this
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        grad = torch.cat([p.grad.detach().flatten().clone() for g in self.param_groups for p in g["params"]])
-        self.seen.append(grad)
-        lr = self.max_change / max(grad.abs().max().item(), 1e-30) if self.max_change else self.param_groups[0]["lr"]
-        for group in self.param_groups:
-            for p in group["params"]:
-                p.add_(p.grad, alpha=-lr)
-
-
-@pytest.fixture(scope="module")
-def rollout():
-    models = build_tiny(0)
-    gen = torch.Generator().manual_seed(2)  # seeded: no r lands at a clip edge, where the loss has a kink
-    with torch.no_grad():  # a policy that already moved away from the reference
-        for p in models.unet.parameters():
-            p.add_(0.02 * torch.randn(p.shape, generator=gen))
-    traj = sample(models, ["a cat", "a red fox"], image_seeds(0, 0, [0, 1], B), T, W)
-    rewards = torch.tensor([[0.30, 0.10, 0.20], [0.05, 0.25, 0.15]])
-    return models, traj, rewards
-
-
-def _cfg(steps_per_chunk, images_per_chunk, clip_range):
-    cfg = Config()
-    cfg.sampler.num_steps, cfg.sampler.guidance_scale = T, W
-    cfg.train.steps_per_chunk, cfg.train.images_per_chunk = steps_per_chunk, images_per_chunk
-    cfg.train.prompts_per_epoch, cfg.train.images_per_prompt, cfg.train.grad_clip = G, B, 0.0
-    cfg.loss.kl_weight, cfg.loss.clip_range = 0.05, clip_range
-    return cfg
-
-
-def full_graph_log_ratios(unet, models, traj, against="eps_ref"):
-    """log pi_theta - log pi_{against} (G * B, T), with grad through all T UNet calls of every image."""
-    unet.zero_grad(set_to_none=True)
-    s = traj.schedule
-    cond = models.encode_prompts(traj.flat_prompts)
-    uncond = models.encode_prompts([""]).expand(G * B, -1, -1)
-    lat = traj.flat("latents")
-    ratios = []
-    for k in range(T):
-        x = lat[:, k]
-        out = unet(torch.cat([x, x]), s.timesteps[k].expand(2 * G * B), torch.cat([uncond, cond])).sample
-        eps = guided_eps(out[:G * B], out[G * B:], W)
-        ratios.append(step_log_ratio(eps, traj.flat(against)[:, k], x, lat[:, k + 1], s.a[k], s.b[k], s.sigma[k]))
-    return torch.stack(ratios, dim=1)
 
 
 def full_graph_grad(unet, models, traj, rewards, cfg):
-    """Autograd through all T UNet calls of every image, the loss of SPEC §4, one backward."""
+    """Autograd through all T UNet calls of every image, the loss of docs/design.md §5, one backward."""
     r = full_graph_log_ratios(unet, models, traj).reshape(G, B, T)
     rdp_loss(r, traj.log_ratio_old, rewards, cfg.loss.clip_range, cfg.loss.kl_weight).backward()
     return torch.cat([p.grad.flatten() for p in unet.parameters()])
-
-
-def _engine(models, cfg, lr, max_change=None, checkpointing=False):
-    unet = copy.deepcopy(models.unet)
-    if checkpointing:  # what model.gradient_checkpointing turns on (diffusers: use_reentrant=False)
-        unet.enable_gradient_checkpointing()
-        assert unet.is_gradient_checkpointing
-    opt = RecordingSGD(unet.parameters(), lr, max_change)
-    ds = build_ds_config({"zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True}, cfg, 1)
-    return make_engine(unet, ds, opt), opt
-
-
-def _rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 @pytest.mark.parametrize("steps_per_chunk,images_per_chunk,impl,checkpointing",

@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-import prdp_ds.world  # noqa: F401  (registers the prompt sets and rewards)
 from prdp_ds.prompts import load_prompts
 from prdp_ds.rewards import build_reward
 from prdp_ds.world import scenes

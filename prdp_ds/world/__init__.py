@@ -1,7 +1,7 @@
-"""A small synthetic text-to-image world for PRDP in miniature (see prdp_ds/world/README in weights).
+"""A small synthetic text-to-image world for PRDP in miniature (docs/world.md; prdp_ds/world/weights/README.md).
 
-Importing this package registers the prompt sets `world_small`, `world_large`, `world_seen`, `world_unseen` and
-the rewards `world_aesthetic`, `world_alignment`, `world_judge`.
+Its prompt sets (`world_small`, `world_large`, `world_seen`, `world_unseen`, `world_demo`; prdp_ds.world.scenes),
+rewards (`world_aesthetic`, `world_alignment`, `world_judge`; prdp_ds.world.rewards) and base model
+(`model.pretrained: world`; prdp_ds.world.model) are named in the registries of prdp_ds.prompts, prdp_ds.rewards
+and prdp_ds.models, which import them the first time a name is used.
 """
-from prdp_ds.world import scenes  # noqa: F401  (registers the prompt sets)
-from prdp_ds.world import rewards  # noqa: F401  (registers the rewards)

@@ -10,17 +10,11 @@ model) on the experiment's prompt sets, with three scores: the alignment reward,
 (1 if every attribute the prompt states is recognised; its mean is the judged accuracy) and the
 hackable image-only aesthetic reward. Then it aggregates over seeds.
 
-Outputs in --out:
-  runs/ARM/seed_S/   each training run (config.yaml, metrics.jsonl, samples/, checkpoints/)
-  eval/seed_S/       each seed's evaluation (eval.json, table.txt, grids/)
-  results.json       model x prompt set x score: mean over seeds, SE across seeds, the per-seed means,
-                     and the paired difference to the base model (same noise); settings, timings, machine
-  results.md         the same as tables (models as rows, prompt sets as columns), with the paper's claim
-  curves.png         every arm's training curves (mean +- SE over seeds)
-  grid_SET.png       seed 0's evaluation grid per prompt set (rows = models, same noise across rows)
-A rerun continues: finished training runs are kept, an unfinished one resumes from its latest
-checkpoint, and the evaluation resumes from its finished units. --quick shrinks every run to a few
-images and steps: it checks the machinery (CI), not the science.
+Outputs in --out: runs/ARM/seed_S/ and eval/seed_S/ (each run and each seed's evaluation), results.json
+and results.md (model x prompt set x score: mean and SE over seeds, paired differences to the base),
+curves.png and grid_SET.png; their layout: docs/world.md. A rerun continues where it stopped (finished runs
+kept, an unfinished one resumed from its latest checkpoint, the evaluation from its finished units).
+--quick shrinks every run to a few images and steps: it checks the machinery (CI), not the science.
 
 Runs in one process on the CPU (the world is small); it holds one process group for all its runs.
 """

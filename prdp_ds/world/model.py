@@ -4,8 +4,7 @@ CLIPTextModel, the offline CLIP BPE tokenizer and a DDIM scheduler, packaged as 
 The latent space is fixed, not learned (`PooledVAE`): a latent is the 32x32 scene in [-1, 1]
 average-pooled 2x2 (3x16x16), and decoding upsamples it bilinearly back to 32x32 (Models.decode then
 maps [-1, 1] to [0, 1] as for Stable Diffusion). The classifier reads such round trips of fresh scenes
-as well as the renders (1.000 on every attribute, 2,000 scenes, a one-off check; tests/test_world.py
-asserts > 0.98). Why a latent space at
+as well as the renders (tests/test_world.py asserts > 0.98 on every attribute). Why a latent space at
 all: a trajectory's log-probability is a sum over its latent dimensions, so the policy-gradient noise
 per image grows with them, while what the rewards see (colour, shape, size, position) fits in 16x16;
 the UNet is also 4x cheaper per call there.

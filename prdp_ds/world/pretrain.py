@@ -6,10 +6,9 @@ Epsilon-prediction diffusion loss on the scenes' latents (model.PooledVAE.encode
 per-sample eps-MSE: (1 - plain_share) x its mean weighted by w(t) = clamp(1 / snr(t), 1, high_noise_weight) plus
 plain_share x its plain mean (`mixed_loss`; 0.5 and 30 by default). Why both: the background and the shape's
 position are decided at t > ~600, where x_t no longer shows them and the plain eps-MSE weights an x0 error by
-snr(t) < 0.03; trained with the plain loss alone, the model ignored the background and position words (its eps
-changed by 1e-4 between "dark" and "light", 1e-2 between colours). The weight turns the loss there into a capped
-x0 error, but alone it starves the low-noise steps that draw the shape's outline (30 minutes of it left shapes at
-0.44, chance 0.33); the plain half keeps them. Classifier-free guidance dropout
+snr(t) < 0.03, so the plain loss alone taught neither word; the weight turns the loss there into a capped x0
+error, but alone it starves the low-noise steps that draw the shape's outline; the plain half keeps them (the
+runs that showed both: prdp_ds/world/weights/README.md). Classifier-free guidance dropout
 (an empty caption 10% of the time), AdamW with warmup and a cosine decay over the budget (minutes or
 steps), EMA weights (saved). Writes unet/text_encoder safetensors (fp16), training.json (command,
 seed, steps, losses, date, machine), README.md and loss.png into --out.

@@ -1,4 +1,4 @@
-"""The world's rewards, registered with prdp_ds.rewards at import of prdp_ds.world.
+"""The world's rewards; prdp_ds.rewards.BUILTIN_REWARDS names them and imports this module on first use.
 
 world_aesthetic: image only, and hackable by ignoring the prompt: a large, saturated, centred
     foreground scores highest whatever the prompt asked for. Score in [0, 1]:
@@ -15,7 +15,6 @@ judge_accuracy(images, prompts): the fraction of images whose predicted attribut
 """
 import torch
 
-from prdp_ds.rewards import register_reward
 from prdp_ds.world import scenes
 from prdp_ds.world.classifier import HEADS, load_classifier, predict
 
@@ -93,7 +92,6 @@ def judge_accuracy(images, prompts, classifier=None):
     return judge(images, prompts, classifier).float().mean().item()
 
 
-@register_reward("world_aesthetic")
 def world_aesthetic(device="cpu"):
     @torch.no_grad()
     def reward(images, prompts):
@@ -111,13 +109,11 @@ def _classifier_reward(score, weights, device):
     return reward
 
 
-@register_reward("world_alignment")
 def world_alignment(device="cpu", weights=None):
     """weights: a folder holding classifier.safetensors (default: the shipped prdp_ds/world/weights)."""
     return _classifier_reward(alignment_score, weights, device)
 
 
-@register_reward("world_judge")
 def world_judge(device="cpu", weights=None):
     """1.0 where the judge finds every stated attribute, else 0.0; log it with weight 0 to track accuracy."""
     return _classifier_reward(judge, weights, device)

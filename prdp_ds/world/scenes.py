@@ -20,8 +20,6 @@ import re
 import numpy as np
 import torch
 
-from prdp_ds.prompts import register_prompt_set
-
 RES = 32
 COLOURS = ("red", "orange", "yellow", "green", "blue", "purple")
 COLOUR_RGB = torch.tensor([(0.90, 0.10, 0.10), (1.00, 0.55, 0.05), (0.95, 0.90, 0.10),
@@ -181,6 +179,11 @@ def world_small_prompts():
     return out
 
 
+def world_large_prompts():
+    """Every caption of the grammar whose (colour, shape) pair is not held out."""
+    return all_captions(held_out=False)
+
+
 def world_demo_prompts():
     """The demo's 4 prompts: a seen (colour, shape) pair in each corner, large and small alternating. The base model
     gets colour, shape and size right and the position about 4 times in 10: what the demo's reward teaches."""
@@ -199,10 +202,3 @@ def world_seen_prompts():
 def world_unseen_prompts():
     """The held-out (colour, shape) pairs x sizes x positions, fully stated, no prefix: 30 prompts."""
     return [caption_from(c, s, size, pos) for c, s in HELD_OUT_PAIRS for size in SIZES for pos in POSITIONS]
-
-
-register_prompt_set("world_small")(world_small_prompts)
-register_prompt_set("world_large")(lambda: all_captions(held_out=False))
-register_prompt_set("world_seen")(world_seen_prompts)
-register_prompt_set("world_demo")(world_demo_prompts)
-register_prompt_set("world_unseen")(world_unseen_prompts)

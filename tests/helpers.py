@@ -1,0 +1,112 @@
+"""Helpers shared by several test files (a test file never imports another): the tiny two-pass setup
+(test_twopass, test_ddpo, test_lora) and end-to-end trainer runs (test_train, test_offline). The
+`rollout` fixture lives in conftest.py."""
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from prdp_ds.config import Config
+from prdp_ds.engine import build_ds_config, make_engine
+from prdp_ds.logratio import guided_eps, step_log_ratio
+
+REPO = Path(__file__).resolve().parent.parent
+W, T, G, B = 5.0, 4, 2, 3
+
+
+class RecordingSGD(torch.optim.Optimizer):
+    """SGD that records the gradients DeepSpeed hands it (ZeRO's flat fp32 partitions)."""
+
+    def __init__(self, params, lr, max_change=None):
+        super().__init__(params, {"lr": lr})
+        self.seen = []
+        self.max_change = max_change  # if set, scale the step so no parameter moves more than this
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grad = torch.cat([p.grad.detach().flatten().clone() for g in self.param_groups for p in g["params"]])
+        self.seen.append(grad)
+        lr = self.max_change / max(grad.abs().max().item(), 1e-30) if self.max_change else self.param_groups[0]["lr"]
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.add_(p.grad, alpha=-lr)
+
+
+def _cfg(steps_per_chunk, images_per_chunk, clip_range):
+    cfg = Config()
+    cfg.sampler.num_steps, cfg.sampler.guidance_scale = T, W
+    cfg.train.steps_per_chunk, cfg.train.images_per_chunk = steps_per_chunk, images_per_chunk
+    cfg.train.prompts_per_epoch, cfg.train.images_per_prompt, cfg.train.grad_clip = G, B, 0.0
+    cfg.loss.kl_weight, cfg.loss.clip_range = 0.05, clip_range
+    return cfg
+
+
+def full_graph_log_ratios(unet, models, traj, against="eps_ref"):
+    """log pi_theta - log pi_{against} (G * B, T), with grad through all T UNet calls of every image."""
+    unet.zero_grad(set_to_none=True)
+    s = traj.schedule
+    cond = models.encode_prompts(traj.flat_prompts)
+    uncond = models.encode_prompts([""]).expand(G * B, -1, -1)
+    lat = traj.flat("latents")
+    ratios = []
+    for k in range(T):
+        x = lat[:, k]
+        out = unet(torch.cat([x, x]), s.timesteps[k].expand(2 * G * B), torch.cat([uncond, cond])).sample
+        eps = guided_eps(out[:G * B], out[G * B:], W)
+        ratios.append(step_log_ratio(eps, traj.flat(against)[:, k], x, lat[:, k + 1], s.a[k], s.b[k], s.sigma[k]))
+    return torch.stack(ratios, dim=1)
+
+
+def _engine(models, cfg, lr, max_change=None, checkpointing=False):
+    unet = copy.deepcopy(models.unet)
+    if checkpointing:  # what model.gradient_checkpointing turns on (diffusers: use_reentrant=False)
+        unet.enable_gradient_checkpointing()
+        assert unet.is_gradient_checkpointing
+    opt = RecordingSGD(unet.parameters(), lr, max_change)
+    ds = build_ds_config({"zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True}, cfg, 1)
+    return make_engine(unet, ds, opt), opt
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+SMALL = ["--set", "sampler.num_steps=3", "--set", "train.prompts_per_epoch=4", "--set", "train.images_per_prompt=4",
+         "--set", "train.steps_per_epoch=2", "--set", "output.sample_every=0", "--set", "train.images_per_chunk=8",
+         "--set", "train.steps_per_chunk=2"]
+TIMING = ("sample_s", "train_s", "images_per_s", "peak_mem_mb")
+
+
+def _port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(args, ranks=1, check=True, threads=None):
+    """`python -m prdp_ds.train ARGS` (the `tiny_demo` preset unless ARGS name a preset or config file)."""
+    if "--preset" not in args and "--train-config" not in args:
+        args = ["--preset", "tiny_demo", *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MASTER_PORT": str(_port())}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    if ranks == 1:
+        cmd = [sys.executable, "-m", "prdp_ds.train", *args]
+    else:  # one torch thread per rank: two ranks x two threads on 2 cores run several times slower
+        env.setdefault("OMP_NUM_THREADS", "1")
+        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks),
+               "--master_port", env["MASTER_PORT"], "--module", "prdp_ds.train", *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
