@@ -1,11 +1,13 @@
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
     name="prdp_ds",
     version="0.1.0",
     description="PRDP (Proximal Reward Difference Prediction) reward finetuning of Stable Diffusion "
-                "with DeepSpeed ZeRO and Triton kernels",
-    long_description=open("README.md", encoding="utf-8").read(),
+    "with DeepSpeed ZeRO and Triton kernels",
+    long_description=Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["prdp_ds", "prdp_ds.*", "kernels", "kernels.*"]),

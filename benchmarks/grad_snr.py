@@ -11,6 +11,7 @@ mean of n batches has cosine about sqrt(n c / (1 + (n - 1) c)) with the signal. 
 which the world does not learn; the aesthetic one, which it learns slowly) and per timestep spacing. It also gives
 each step's share of the gradient's norm.
 """
+
 import argparse
 import copy
 import json
@@ -35,14 +36,14 @@ def batch_gradient(models, reward_fn, prompts, seeds, cfg):
     """-> (flat gradient of the PRDP loss at theta = ref over the UNet's weights, (T,) per-step gradient norms).
     The per-step log-ratios are the trainer's own (prdp_ds.twopass.chunk_log_ratios), one step at a time."""
     at_ref = copy.copy(models)
-    at_ref.unet = models.ref_unet                                     # sample from pi_ref: r_old = 0
+    at_ref.unet = models.ref_unet  # sample from pi_ref: r_old = 0
     T, n = cfg.sampler.num_steps, seeds.numel()
     traj = sample(at_ref, prompts, seeds, T, cfg.sampler.guidance_scale, batch_size=n, spacing=cfg.sampler.spacing)
     G, B = seeds.shape
     rewards, _ = reward_fn(traj.images.flatten(0, 1), traj.flat_prompts)
     R = torch.zeros(G, B, T, requires_grad=True)
     rdp_loss(R, torch.zeros(G, B, T), rewards.view(G, B).float(), 1e9, cfg.loss.kl_weight).backward()
-    weight = R.grad.flatten(0, 1)                                     # (G*B, T) dL/dr_{i,t}
+    weight = R.grad.flatten(0, 1)  # (G*B, T) dL/dr_{i,t}
     cond = models.encode_prompts(traj.flat_prompts)
     uncond = models.encode_prompts([""])
     params = [p for p in models.unet.parameters() if p.requires_grad]
@@ -100,12 +101,19 @@ def main():
                 norms.append(step_norms)
             cos = torch.tensor(pairwise_cosines(grads), dtype=torch.float64)
             share = torch.tensor(norms).mean(0)
-            res = {"mean_pairwise_cosine": cos.mean().item(), "pairwise_cosine_std": cos.std().item(),
-                   "pairwise_cosines": cos.tolist(), "step_norm_share": (share / share.sum()).tolist()}
+            res = {
+                "mean_pairwise_cosine": cos.mean().item(),
+                "pairwise_cosine_std": cos.std().item(),
+                "pairwise_cosines": cos.tolist(),
+                "step_norm_share": (share / share.sum()).tolist(),
+            }
             out["results"][f"{reward}/{spacing}"] = res
-            print(f"{reward}, {spacing} spacing: cosine between batch gradients {cos.mean():+.4f} (mean of "
-                  f"{len(cos)} pairs, std {cos.std():.4f}); largest step's share of the gradient norm "
-                  f"{max(res['step_norm_share']):.0%}", flush=True)
+            print(
+                f"{reward}, {spacing} spacing: cosine between batch gradients {cos.mean():+.4f} (mean of "
+                f"{len(cos)} pairs, std {cos.std():.4f}); largest step's share of the gradient norm "
+                f"{max(res['step_norm_share']):.0%}",
+                flush=True,
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
 

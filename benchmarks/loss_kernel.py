@@ -25,6 +25,7 @@ nothing (the interpreter executes Triton programs in numpy); only the error colu
 (torch.compile recompiles for every shape and dtype; split a GPU run with --gxb / --dsweep if
 one command must stay under a time limit.)
 """
+
 import argparse
 import datetime
 import json
@@ -47,9 +48,9 @@ from kernels import fused_prdp_loss_triton, step_log_ratio_triton  # noqa: E402
 from prdp_ds.logratio import gaussian_log_prob, guided_eps  # noqa: E402
 from prdp_ds.loss import prdp_loss_reference, rdp_loss  # noqa: E402
 
-GUIDANCE = 5.0          # paper CFG scale
-CLIP = 1e-4             # stepwise clip range eps (large / multi-reward presets)
-BETA = 3e-5             # KL weight beta (small / multi-reward presets)
+GUIDANCE = 5.0  # paper CFG scale
+CLIP = 1e-4  # stepwise clip range eps (large / multi-reward presets)
+BETA = 3e-5  # KL weight beta (small / multi-reward presets)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -80,8 +81,17 @@ def fused_log_ratios(d):
     f = lambda t: t.reshape(-1, D)  # noqa: E731
     rep = lambda c: c.repeat(G * B)  # noqa: E731
     with torch.no_grad():
-        r = step_log_ratio_triton(f(d["eu"]), f(d["ec"]), f(d["er"]), f(d["xt"]), f(d["xp"]),
-                                  rep(d["a"]), rep(d["b"]), rep(d["sigma"]), GUIDANCE)
+        r = step_log_ratio_triton(
+            f(d["eu"]),
+            f(d["ec"]),
+            f(d["er"]),
+            f(d["xt"]),
+            f(d["xp"]),
+            rep(d["a"]),
+            rep(d["b"]),
+            rep(d["sigma"]),
+            GUIDANCE,
+        )
     return r.view(G, B, T)
 
 
@@ -95,9 +105,16 @@ def sd14_schedule(T):
         from diffusers import DDIMScheduler
 
         from prdp_ds.sampler import step_schedule
-        sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              num_train_timesteps=1000, steps_offset=1, set_alpha_to_one=False,
-                              clip_sample=False)
+
+        sched = DDIMScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            num_train_timesteps=1000,
+            steps_offset=1,
+            set_alpha_to_one=False,
+            clip_sample=False,
+        )
         s = step_schedule(sched, T)
         return s.a, s.b, s.sigma
     except ImportError:
@@ -144,15 +161,27 @@ def make_data(G, B, T, D, device, seed=0):
         j = min(i + chunk, rows)
         sl = slice(i, j)
         c64 = [c[sl] for c in coef64]
-        r_old64[sl] = _r64_rows(fl(eps_old)[sl].double(), fl(er)[sl].double(), fl(xt)[sl].double(),
-                                fl(xp)[sl].double(), *c64)
+        r_old64[sl] = _r64_rows(
+            fl(eps_old)[sl].double(), fl(er)[sl].double(), fl(xt)[sl].double(), fl(xp)[sl].double(), *c64
+        )
         mu_old = coef64[0][sl].float() * fl(xt)[sl] + coef64[1][sl].float() * fl(eps_old)[sl]
         lp_old[sl] = gaussian_log_prob(fl(xp)[sl], mu_old, sig_rows[sl])
     del eps_old, eh
     rewards = 0.27 + 0.01 * torch.randn((G, B), generator=g, device=device)
-    return dict(eu=eu, ec=ec, er=er, xt=xt, xp=xp, a=a, b=b, sigma=sigma, rewards=rewards,
-                r_old=r_old64.float().view(G, B, T), r_old64=r_old64.view(G, B, T),
-                lp_old=lp_old.view(G, B, T))
+    return dict(
+        eu=eu,
+        ec=ec,
+        er=er,
+        xt=xt,
+        xp=xp,
+        a=a,
+        b=b,
+        sigma=sigma,
+        rewards=rewards,
+        r_old=r_old64.float().view(G, B, T),
+        r_old64=r_old64.view(G, B, T),
+        lp_old=lp_old.view(G, B, T),
+    )
 
 
 def _chunk_rows(D, device):
@@ -215,15 +244,16 @@ def timer(device):
             fn()
             ts.append((time.perf_counter() - t0) * 1e3)
         return statistics.median(ts)
+
     return wall
 
 
 def copy_bandwidth(device, bench):
-    n = (1 << 28) if device.type == "cuda" else (1 << 24)      # 1 GiB / 64 MiB of fp32
+    n = (1 << 28) if device.type == "cuda" else (1 << 24)  # 1 GiB / 64 MiB of fp32
     x = torch.empty(n, dtype=torch.float32, device=device).normal_()
     y = torch.empty_like(x)
     ms = bench(lambda: y.copy_(x))
-    return 2 * x.numel() * 4 / (ms * 1e-3) / 1e9              # read + write, GB/s
+    return 2 * x.numel() * 4 / (ms * 1e-3) / 1e9  # read + write, GB/s
 
 
 def bench_method(name, fn, d, dtype, bench, copy_bw, ref):
@@ -231,8 +261,7 @@ def bench_method(name, fn, d, dtype, bench, copy_bw, ref):
     eu = d["eu"].to(dtype).detach().requires_grad_()
     ec = d["ec"].to(dtype).detach().requires_grad_()
     old = d["lp_old"] if name != "fused" else d["r_old"]
-    args = (eu, ec, d["er"], d["xt"], d["xp"], old, d["rewards"], d["a"], d["b"], d["sigma"],
-            GUIDANCE, CLIP, BETA)
+    args = (eu, ec, d["er"], d["xt"], d["xp"], old, d["rewards"], d["a"], d["b"], d["sigma"], GUIDANCE, CLIP, BETA)
     loss_of = (lambda out: out) if name == "fused" else (lambda out: out[0])
 
     def fwd():
@@ -267,25 +296,41 @@ def bench_method(name, fn, d, dtype, bench, copy_bw, ref):
     small = G * B * T * 4 * 2 + G * B * 4
     read = 2 * n * eu.element_size() + 3 * n * 4 + small
     fb = read + 2 * n * eu.element_size()
-    row = dict(G=G, B=B, T=T, D=D, dtype=str(dtype).replace("torch.", ""), method=name,
-               fwd_ms=t_f, fwd_bwd_ms=t_fb, peak_mem_MB=peak,
-               fwd_GBps=read / (t_f * 1e-3) / 1e9, fwd_pct_floor=100 * read / copy_bw / 1e9 / (t_f * 1e-3),
-               fwd_bwd_GBps=fb / (t_fb * 1e-3) / 1e9,
-               fwd_bwd_pct_floor=100 * fb / copy_bw / 1e9 / (t_fb * 1e-3),
-               loss_rel_err=loss_err, grad_rel_err=grad_err, logratio_abs_err=lr_err)
+    row = dict(
+        G=G,
+        B=B,
+        T=T,
+        D=D,
+        dtype=str(dtype).replace("torch.", ""),
+        method=name,
+        fwd_ms=t_f,
+        fwd_bwd_ms=t_fb,
+        peak_mem_MB=peak,
+        fwd_GBps=read / (t_f * 1e-3) / 1e9,
+        fwd_pct_floor=100 * read / copy_bw / 1e9 / (t_f * 1e-3),
+        fwd_bwd_GBps=fb / (t_fb * 1e-3) / 1e9,
+        fwd_bwd_pct_floor=100 * fb / copy_bw / 1e9 / (t_fb * 1e-3),
+        loss_rel_err=loss_err,
+        grad_rel_err=grad_err,
+        logratio_abs_err=lr_err,
+    )
     return row
 
 
 def fmt(row):
     p = row["peak_mem_MB"]
-    return (f"{row['G']:>3}x{row['B']:<3} T={row['T']:<3} D={row['D']:<6} {row['dtype']:<9} {row['method']:<8}"
-            f" {row['fwd_ms']:9.3f} {row['fwd_bwd_ms']:9.3f} {('%9.1f' % p) if p is not None else '      n/a'}"
-            f" {row['fwd_bwd_GBps']:8.1f} {row['fwd_bwd_pct_floor']:6.1f}%"
-            f"  {row['loss_rel_err']:9.2e} {row['grad_rel_err']:9.2e} {row['logratio_abs_err']:9.2e}")
+    return (
+        f"{row['G']:>3}x{row['B']:<3} T={row['T']:<3} D={row['D']:<6} {row['dtype']:<9} {row['method']:<8}"
+        f" {row['fwd_ms']:9.3f} {row['fwd_bwd_ms']:9.3f} {f'{p:9.1f}' if p is not None else '      n/a'}"
+        f" {row['fwd_bwd_GBps']:8.1f} {row['fwd_bwd_pct_floor']:6.1f}%"
+        f"  {row['loss_rel_err']:9.2e} {row['grad_rel_err']:9.2e} {row['logratio_abs_err']:9.2e}"
+    )
 
 
-HEADER = (f"{'GxB':<7} {'T':<5} {'D':<8} {'dtype':<9} {'method':<8} {'fwd ms':>9} {'f+b ms':>9} {'peak MB':>9}"
-          f" {'f+b GB/s':>8} {'%floor':>7}  {'loss err':>9} {'grad err':>9} {'lr err':>9}")
+HEADER = (
+    f"{'GxB':<7} {'T':<5} {'D':<8} {'dtype':<9} {'method':<8} {'fwd ms':>9} {'f+b ms':>9} {'peak MB':>9}"
+    f" {'f+b GB/s':>8} {'%floor':>7}  {'loss err':>9} {'grad err':>9} {'lr err':>9}"
+)
 
 
 def main():
@@ -294,8 +339,11 @@ def main():
     ap.add_argument("--dtypes", default="fp32,bf16", help="UNet output dtypes for eps_u/eps_c")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     ap.add_argument("--gxb", default="1x8,8x8,16x16,64x8", help="GPU: G x B list at T=50, D=16384")
-    ap.add_argument("--dsweep", default="1024,4096,65536",
-                    help="GPU: D values for the 8x8, T=50, fp32 sweep ('' for none; 16384 is in the main rows)")
+    ap.add_argument(
+        "--dsweep",
+        default="1024,4096,65536",
+        help="GPU: D values for the 8x8, T=50, fp32 sweep ('' for none; 16384 is in the main rows)",
+    )
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -315,9 +363,13 @@ def main():
         print("=" * 100)
     bench = timer(device)
     copy_bw = copy_bandwidth(device, bench)
-    print(f"device: {dev_name}; copy bandwidth {copy_bw:.1f} GB/s; torch {torch.__version__}, triton {triton.__version__}")
-    print(f"CFG w={GUIDANCE}, clip eps={CLIP}, beta={BETA}; errors vs fp64: loss relative, grad max-abs/max|g|, "
-          "log-ratio max abs (nats)")
+    print(
+        f"device: {dev_name}; copy bandwidth {copy_bw:.1f} GB/s; torch {torch.__version__}, triton {triton.__version__}"
+    )
+    print(
+        f"CFG w={GUIDANCE}, clip eps={CLIP}, beta={BETA}; errors vs fp64: loss relative, grad max-abs/max|g|, "
+        "log-ratio max abs (nats)"
+    )
     methods = [("naive", naive_loss)]
     compiled = None
     if not args.no_compile:
@@ -334,13 +386,23 @@ def main():
     def write_json():  # after every row: a run stopped at a time limit keeps what it measured
         if not args.json:
             return
-        out = dict(device=dev_name, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                   command=" ".join([Path(sys.executable).name] + sys.argv), torch=torch.__version__,
-                   triton=triton.__version__, interpreter=not cuda, copy_bandwidth_GBps=copy_bw,
-                   settings=dict(guidance=GUIDANCE, clip_range=CLIP, kl_weight=BETA),
-                   note=("timings under the Triton interpreter on CPU mean nothing; only errors do"
-                         if not cuda else "median ms via triton.testing.do_bench"),
-                   skipped=skipped, rows=rows)
+        out = dict(
+            device=dev_name,
+            date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            command=" ".join([Path(sys.executable).name] + sys.argv),
+            torch=torch.__version__,
+            triton=triton.__version__,
+            interpreter=not cuda,
+            copy_bandwidth_GBps=copy_bw,
+            settings=dict(guidance=GUIDANCE, clip_range=CLIP, kl_weight=BETA),
+            note=(
+                "timings under the Triton interpreter on CPU mean nothing; only errors do"
+                if not cuda
+                else "median ms via triton.testing.do_bench"
+            ),
+            skipped=skipped,
+            rows=rows,
+        )
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1))
 

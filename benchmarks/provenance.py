@@ -1,4 +1,5 @@
 """What every benchmark record carries: the device, the date (UTC), the exact command and torch's version."""
+
 import datetime
 import platform
 import shlex
@@ -13,6 +14,9 @@ def cpu_name():
 
 def run_meta(script, device, argv=None):
     """script: the path the command names (e.g. 'benchmarks/rewards.py'); argv: its arguments (default sys.argv[1:])."""
-    return {"device": device, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": shlex.join(["python", script, *(sys.argv[1:] if argv is None else argv)]),
-            "torch": torch.__version__}
+    return {
+        "device": device,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join(["python", script, *(sys.argv[1:] if argv is None else argv)]),
+        "torch": torch.__version__,
+    }

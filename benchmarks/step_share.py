@@ -1,6 +1,7 @@
 """Which denoising steps carry the PRDP log-ratio? A diagnostic for choosing T (README, "The paper in miniature").
 
-    python benchmarks/step_share.py [--T 10 20] [--spacing uniform quadratic] [--json benchmarks/results/step_share_cpu.json]
+    python benchmarks/step_share.py [--T 10 20] [--spacing uniform quadratic] \
+        [--json benchmarks/results/step_share_cpu.json]
 
 The per-step log-ratio r_t = log pi_theta(x_{t-1}|x_t) - log pi_ref(x_{t-1}|x_t) changes with the UNet's
 prediction through the mean mu = a_t x_t + b_t eps_hat, against the step's noise sigma_t, so a step's
@@ -10,6 +11,7 @@ sensitivity scales as b_t / sigma_t. Two measurements per T and timestep spacing
   measured: the world model after one sign step of size --step on every UNet weight (an Adam-like first step),
             sampling --prompts world_small prompts x --images images: mean |r_t| per step as a share of the sum.
 """
+
 import argparse
 import json
 import sys
@@ -38,8 +40,16 @@ def measured_share(T, spacing, step, prompts, images, guidance):
     with torch.no_grad():
         for p in models.unet.parameters():
             p.add_(step * torch.sign(torch.randn_like(p)))
-    traj = sample(models, world_small_prompts()[:prompts], image_seeds(0, 0, range(prompts), images), T, guidance,
-                  1.0, prompts * images, spacing=spacing)
+    traj = sample(
+        models,
+        world_small_prompts()[:prompts],
+        image_seeds(0, 0, range(prompts), images),
+        T,
+        guidance,
+        1.0,
+        prompts * images,
+        spacing=spacing,
+    )
     r = traj.log_ratio_old.reshape(-1, T).abs().mean(0)
     return {"mean_abs_r": r.tolist(), "share": (r / r.sum()).tolist()}
 
@@ -61,12 +71,16 @@ def main():
     for spacing in args.spacing:
         out["world"][spacing] = {}
         for T in args.T:
-            res = {"proxy": proxy_share(WORLD_SCHEDULER, T, spacing),
-                   "measured": measured_share(T, spacing, args.step, args.prompts, args.images, args.guidance)}
+            res = {
+                "proxy": proxy_share(WORLD_SCHEDULER, T, spacing),
+                "measured": measured_share(T, spacing, args.step, args.prompts, args.images, args.guidance),
+            }
             out["world"][spacing][T] = res
             top = max(range(T), key=lambda i: res["measured"]["share"][i])
-            print(f"world, {spacing} spacing, T={T}: step {top} (t={res['proxy']['timesteps'][top]}) carries "
-                  f"{res['measured']['share'][top]:.0%} of mean |r_t| (proxy {res['proxy']['share'][top]:.0%})")
+            print(
+                f"world, {spacing} spacing, T={T}: step {top} (t={res['proxy']['timesteps'][top]}) carries "
+                f"{res['measured']['share'][top]:.0%} of mean |r_t| (proxy {res['proxy']['share'][top]:.0%})"
+            )
     sd = out["sd14_proxy_T50"]["share"]
     print(f"SD v1.4 scheduler, T=50: the largest step's proxy share is {max(sd):.0%}")
     if args.json:

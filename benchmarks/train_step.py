@@ -36,6 +36,7 @@ On CPU the timings mean little (2 cores, interpreted Triton); it checks that the
       [--images-per-chunk 4] [--steps-per-chunk 1] [--methods naive,torch,triton] [--json PATH]
   deepspeed --num_gpus N benchmarks/train_step.py ...   (per-rank timings; rank 0 reports)
 """
+
 import argparse
 import contextlib
 import copy
@@ -68,15 +69,35 @@ from prdp_ds.sampler import cfg_predict, image_seeds, sample  # noqa: E402
 from prdp_ds.twopass import chunk_log_ratios, policy_log_ratios, prdp_step  # noqa: E402
 
 SD14_UNET = dict(  # CompVis/stable-diffusion-v1-4 unet/config.json
-    sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
-    layers_per_block=2, cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, norm_eps=1e-5,
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    norm_num_groups=32,
+    norm_eps=1e-5,
     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    act_fn="silu", center_input_sample=False, downsample_padding=1, flip_sin_to_cos=True, freq_shift=0,
-    mid_block_scale_factor=1)
+    act_fn="silu",
+    center_input_sample=False,
+    downsample_padding=1,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    mid_block_scale_factor=1,
+)
 SD14_TEXT = (77, 768)
-FLOP_MULT = {"sample": 1, "reference": 1, "pass1": 1, "step first": 3, "step later": 4, "optimizer": 0,
-             "epoch K=1": 5, "naive step": 3}  # x T x F x images
+FLOP_MULT = {
+    "sample": 1,
+    "reference": 1,
+    "pass1": 1,
+    "step first": 3,
+    "step later": 4,
+    "optimizer": 0,
+    "epoch K=1": 5,
+    "naive step": 3,
+}  # x T x F x images
 
 
 class RandomTextModels(Models):
@@ -153,12 +174,14 @@ def add_timer(obj, name, acc):
         sync()
         acc["s"] += time.perf_counter() - t0
         return out
+
     setattr(obj, name, timed)
 
 
 def cfg_flops(unet, models, device):
     """FLOPs of one CFG forward (batch 2: uncond + cond of one image) in the UNet's dtype."""
     from torch.utils.flop_counter import FlopCounterMode
+
     c = unet.config
     x = torch.randn(1, c.in_channels, c.sample_size, c.sample_size, device=device)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
@@ -170,10 +193,13 @@ def naive_step(engine, traj, rewards, cond, uncond, cfg, T):
     """Full-graph backprop over the first T steps: all r(theta) with grad, one loss, one backward."""
     G, B, _ = traj.log_ratio_old.shape
     n = G * B
-    r = torch.cat([chunk_log_ratios(engine, traj, cond, uncond, slice(0, n), slice(k, k + 1), cfg, "torch")
-                   for k in range(T)], dim=1).reshape(G, B, T)
-    loss = rdp_loss(r, traj.log_ratio_old[:, :, :T].contiguous(), rewards, cfg.loss.clip_range,
-                    cfg.loss.kl_weight, "torch")
+    r = torch.cat(
+        [chunk_log_ratios(engine, traj, cond, uncond, slice(0, n), slice(k, k + 1), cfg, "torch") for k in range(T)],
+        dim=1,
+    ).reshape(G, B, T)
+    loss = rdp_loss(
+        r, traj.log_ratio_old[:, :, :T].contiguous(), rewards, cfg.loss.clip_range, cfg.loss.kl_weight, "torch"
+    )
     engine.backward(loss)
     engine.step()
 
@@ -188,8 +214,11 @@ def main():
     ap.add_argument("--steps-per-chunk", type=int, default=1)
     ap.add_argument("--sample-batch", type=int, default=16, help="images per sampling UNet call")
     ap.add_argument("--methods", default="naive,torch,triton", help="subset of naive,torch,triton")
-    ap.add_argument("--naive-T", default="50,40,32,24,16,12,8,6,4,3,2,1",
-                    help="GPU: T values tried (descending, <= --T) for the naive method")
+    ap.add_argument(
+        "--naive-T",
+        default="50,40,32,24,16,12,8,6,4,3,2,1",
+        help="GPU: T values tried (descending, <= --T) for the naive method",
+    )
     ap.add_argument("--repeats", type=int, default=2, help="runs per measurement; the last counts (warm)")
     ap.add_argument("--peak-tflops", type=float, default=790.0 if CUDA else None)
     ap.add_argument("--json", help="write rows, device, date, command and versions here")
@@ -198,13 +227,19 @@ def main():
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     rank, world, device = init_distributed()
     import deepspeed
+
     deepspeed.utils.logger.setLevel("WARNING")
     say = print if rank == 0 else (lambda *a, **k: None)
-    dev_name = (torch.cuda.get_device_name() if CUDA else
-                f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), TRITON_INTERPRET=1")
+    dev_name = (
+        torch.cuda.get_device_name()
+        if CUDA
+        else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), TRITON_INTERPRET=1"
+    )
     if not CUDA:
-        say("=" * 96 + "\nNO GPU: fp32, tiny sizes, Triton interpreted. TIMINGS HERE MEAN LITTLE; this run checks\n"
-            "that the benchmark drives the real trainer code. Run on a GPU (--unet sd14) for real numbers.\n" + "=" * 96)
+        say(
+            "=" * 96 + "\nNO GPU: fp32, tiny sizes, Triton interpreted. TIMINGS HERE MEAN LITTLE; this run checks\n"
+            "that the benchmark drives the real trainer code. Run on a GPU (--unet sd14) for real numbers.\n" + "=" * 96
+        )
     G, B, T, n = args.groups, args.images, args.T, args.groups * args.images
     cfg = Config()
     cfg.sampler.num_steps, cfg.sampler.batch_size = T, args.sample_batch
@@ -216,36 +251,64 @@ def main():
     F = cfg_flops(engine.module, models, device)
     n_params = sum(p.numel() for p in engine.module.parameters())
     gas = engine.gradient_accumulation_steps()
-    say(f"device: {dev_name}; unet {args.unet} ({n_params / 1e6:.1f}M params, "
+    say(
+        f"device: {dev_name}; unet {args.unet} ({n_params / 1e6:.1f}M params, "
         f"{next(engine.module.parameters()).dtype}); CFG forward per image {F / 1e9:.3f} GFLOP; "
         f"G={G} B={B} T={T} per rank, world {world}; chunks {args.images_per_chunk} images x "
-        f"{args.steps_per_chunk} steps ({gas} backward calls per step)")
+        f"{args.steps_per_chunk} steps ({gas} backward calls per step)"
+    )
 
     rows = []
 
     def write_json():  # after every row: a run stopped at a time limit keeps what it measured
         if not (args.json and rank == 0):
             return
-        out = dict(device=dev_name, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                   command=" ".join(["python"] + [shlex.quote(a) for a in sys.argv]),
-                   env={k: os.environ[k] for k in ("OMP_NUM_THREADS", "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES")
-                        if k in os.environ}, torch_threads=torch.get_num_threads(),
-                   torch=torch.__version__, deepspeed=deepspeed.__version__, world_size=world,
-                   settings=dict(vars(args), unet_params=n_params, cfg_forward_flops_per_image=F,
-                                 backward_calls_per_step=gas,
-                                 memory=("cuda_max_allocated_per_phase" if CUDA else "process_max_rss_so_far")),
-                   note=("CPU: fp32 tiny UNet, Triton interpreted; timings mean little" if not CUDA else
-                         "GPU: DeepSpeed bf16 ZeRO-2; FLOPs counted by FlopCounterMode"),
-                   rows=rows)
+        out = dict(
+            device=dev_name,
+            date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            command=" ".join(["python"] + [shlex.quote(a) for a in sys.argv]),
+            env={
+                k: os.environ[k]
+                for k in ("OMP_NUM_THREADS", "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES")
+                if k in os.environ
+            },
+            torch_threads=torch.get_num_threads(),
+            torch=torch.__version__,
+            deepspeed=deepspeed.__version__,
+            world_size=world,
+            settings=dict(
+                vars(args),
+                unet_params=n_params,
+                cfg_forward_flops_per_image=F,
+                backward_calls_per_step=gas,
+                memory=("cuda_max_allocated_per_phase" if CUDA else "process_max_rss_so_far"),
+            ),
+            note=(
+                "CPU: fp32 tiny UNet, Triton interpreted; timings mean little"
+                if not CUDA
+                else "GPU: DeepSpeed bf16 ZeRO-2; FLOPs counted by FlopCounterMode"
+            ),
+            rows=rows,
+        )
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
 
     def row(method, phase, m, T_=T, status="ok"):
         tflop = FLOP_MULT[phase] * T_ * F * n / 1e12 if m and FLOP_MULT[phase] else None
         s = m["s"] if m else None
-        rows.append(dict(method=method, phase=phase, T=T_, status=status, seconds=s, mem_mb=m["mb"] if m else None,
-                         images_per_s=n / s if s and FLOP_MULT[phase] else None, tflop=tflop,
-                         mfu=tflop / (s * args.peak_tflops) if s and tflop and args.peak_tflops else None))
+        rows.append(
+            dict(
+                method=method,
+                phase=phase,
+                T=T_,
+                status=status,
+                seconds=s,
+                mem_mb=m["mb"] if m else None,
+                images_per_s=n / s if s and FLOP_MULT[phase] else None,
+                tflop=tflop,
+                mfu=tflop / (s * args.peak_tflops) if s and tflop and args.peak_tflops else None,
+            )
+        )
         write_json()
 
     sample_impl = "triton" if CUDA else "torch"  # the trainer's loss.impl=auto
@@ -256,8 +319,17 @@ def main():
     for _ in range(args.repeats):
         ref_t["s"], m_samp = 0.0, {}
         with measure(m_samp):
-            traj = sample(models, prompts, seeds, T, cfg.sampler.guidance_scale, cfg.sampler.eta,
-                          cfg.sampler.batch_size, cfg.loss.reduction, sample_impl)
+            traj = sample(
+                models,
+                prompts,
+                seeds,
+                T,
+                cfg.sampler.guidance_scale,
+                cfg.sampler.eta,
+                cfg.sampler.batch_size,
+                cfg.loss.reduction,
+                sample_impl,
+            )
     m_ref = {"s": ref_t["s"], "mb": m_samp["mb"]}
     m_samp = {"s": m_samp["s"] - ref_t["s"], "mb": m_samp["mb"]}
     row("shared", "sample", m_samp)
@@ -286,15 +358,16 @@ def main():
         row(name, "step first", m_first)
         row(name, "step later", m_later)
         row(name, "optimizer", m_opt)
-        row(name, "epoch K=1", {"s": m_samp["s"] + m_ref["s"] + m_first["s"],
-                                "mb": max(m_samp["mb"], m_first["mb"])})
+        row(name, "epoch K=1", {"s": m_samp["s"] + m_ref["s"] + m_first["s"], "mb": max(m_samp["mb"], m_first["mb"])})
     models.unet = None
     drop_engine(engine)
 
     if "naive" in methods:  # one backward per step: images_per_chunk = n, steps_per_chunk = T
         cfg_n = copy.deepcopy(cfg)
         cfg_n.train.images_per_chunk, cfg_n.train.steps_per_chunk = n, T
-        tries = sorted({int(t) for t in args.naive_T.split(",") if 0 < int(t) <= T} | {T}, reverse=True) if CUDA else [T]
+        tries = (
+            sorted({int(t) for t in args.naive_T.split(",") if 0 < int(t) <= T} | {T}, reverse=True) if CUDA else [T]
+        )
         engine = new_engine(new_policy(args.unet, device), cfg_n, world, device)
         for T_ in tries:
             oom, m = False, {}
@@ -314,15 +387,21 @@ def main():
         drop_engine(engine)
 
     fmt = lambda v, f: format("-", ">" + f.split(".")[0]) if v is None else format(v, f)  # noqa: E731
-    say(f"\n{'method':<15} {'phase':<11} {'T':>3} {'seconds':>9} {'img/s':>8} {'TFLOP':>9} {'MFU':>6} "
-        f"{'peak MB':>9}  status")
+    say(
+        f"\n{'method':<15} {'phase':<11} {'T':>3} {'seconds':>9} {'img/s':>8} {'TFLOP':>9} {'MFU':>6} "
+        f"{'peak MB':>9}  status"
+    )
     for r in rows:
-        say(f"{r['method']:<15} {r['phase']:<11} {r['T']:>3} {fmt(r['seconds'], '9.3f')} "
+        say(
+            f"{r['method']:<15} {r['phase']:<11} {r['T']:>3} {fmt(r['seconds'], '9.3f')} "
             f"{fmt(r['images_per_s'], '8.3f')} {fmt(r['tflop'], '9.4f')} "
             f"{'-' if r['mfu'] is None else format(100 * r['mfu'], '5.1f') + '%':>6} "
-            f"{fmt(r['mem_mb'], '9.0f')}  {r['status']}")
-    say(f"images per rank per step: {n}; img/s = {n} / seconds; peak memory: "
-        + ("torch.cuda.max_memory_allocated per phase" if CUDA else "process max RSS so far (not per phase)"))
+            f"{fmt(r['mem_mb'], '9.0f')}  {r['status']}"
+        )
+    say(
+        f"images per rank per step: {n}; img/s = {n} / seconds; peak memory: "
+        + ("torch.cuda.max_memory_allocated per phase" if CUDA else "process max RSS so far (not per phase)")
+    )
     write_json()
     if args.json:
         say(f"wrote {args.json}")

@@ -6,6 +6,7 @@ torch, triton and itself:
 - rdp_loss_triton        (kernels.rdp_loss): the PRDP loss on (G, B, T) log-ratios -> scalar
 - fused_prdp_loss_triton (kernels.fused): both over whole (G, B, T, D...) trajectories -> scalar
 """
+
 import os
 
 import torch
@@ -15,8 +16,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from kernels.step_logratio import step_log_ratio_triton  # noqa: E402
-from kernels.rdp_loss import rdp_loss_triton  # noqa: E402
 from kernels.fused import fused_prdp_loss_triton  # noqa: E402
+from kernels.rdp_loss import rdp_loss_triton  # noqa: E402
+from kernels.step_logratio import step_log_ratio_triton  # noqa: E402
 
 __all__ = ["step_log_ratio_triton", "rdp_loss_triton", "fused_prdp_loss_triton"]

@@ -23,6 +23,7 @@ of UNet outputs at a time and uses the two kernels separately); benchmarks/loss_
 PyTorch reference: prdp_ds.logratio.cfg_step_log_ratio(..., impl="torch") reshaped to (G, B, T),
 then prdp_ds.loss.rdp_loss(..., impl="torch").
 """
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -37,7 +38,7 @@ class _FusedPRDPLoss(torch.autograd.Function):
         # eu, ec, er, xt, xp: (G*B*T, D) contiguous; ro: (G, B, T); rw: (G, B) -> 0-dim fp32
         G, B, T = ro.shape
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        r = launch_step_fwd(eu, ec, er, xt, xp, coefs, w, mean)                # (G*B*T,) fp32
+        r = launch_step_fwd(eu, ec, er, xt, xp, coefs, w, mean)  # (G*B*T,) fp32
         loss, grad_r = launch_rdp_loss(r.view(G, B, T), ro, rw, clip, beta, write_grad=need_grad)
         if need_grad:
             ctx.save_for_backward(eu, ec, xt, xp, grad_r)
@@ -49,14 +50,38 @@ class _FusedPRDPLoss(torch.autograd.Function):
     def backward(ctx, grad_loss):
         eu, ec, xt, xp, grad_r = ctx.saved_tensors
         scale = grad_loss.to(torch.float32).reshape(1).contiguous()
-        geu, gec = launch_step_bwd(eu, ec, xt, xp, ctx.coefs, ctx.w, ctx.mean, grad_r.view(-1),
-                                   scale=scale, write_u=ctx.needs_input_grad[0],
-                                   write_c=ctx.needs_input_grad[1])
+        geu, gec = launch_step_bwd(
+            eu,
+            ec,
+            xt,
+            xp,
+            ctx.coefs,
+            ctx.w,
+            ctx.mean,
+            grad_r.view(-1),
+            scale=scale,
+            write_u=ctx.needs_input_grad[0],
+            write_c=ctx.needs_input_grad[1],
+        )
         return geu, gec, None, None, None, None, None, None, None, None, None, None
 
 
-def fused_prdp_loss_triton(eps_uncond, eps_cond, eps_ref, x_t, x_prev, log_ratios_old, rewards,
-                           a, b, sigma, guidance_scale, clip_range, kl_weight, reduction="sum"):
+def fused_prdp_loss_triton(
+    eps_uncond,
+    eps_cond,
+    eps_ref,
+    x_t,
+    x_prev,
+    log_ratios_old,
+    rewards,
+    a,
+    b,
+    sigma,
+    guidance_scale,
+    clip_range,
+    kl_weight,
+    reduction="sum",
+):
     """PRDP loss straight from whole trajectories -> 0-dim fp32, differentiable in eps_uncond, eps_cond.
 
     eps_uncond, eps_cond: (G, B, T, D...) raw UNet outputs (fp32 / bf16 / fp16);
@@ -72,19 +97,21 @@ def fused_prdp_loss_triton(eps_uncond, eps_cond, eps_ref, x_t, x_prev, log_ratio
     shape = check_latents(fn, named, min_dim=4, layout="(G, B, T, D...)")
     check_tensor(fn, "log_ratios_old", log_ratios_old)
     if log_ratios_old.shape != shape[:3]:
-        raise ValueError(f"{fn}: log_ratios_old must have shape (G, B, T) = {tuple(shape[:3])}, "
-                         f"got {tuple(log_ratios_old.shape)}")
+        raise ValueError(
+            f"{fn}: log_ratios_old must have shape (G, B, T) = {tuple(shape[:3])}, got {tuple(log_ratios_old.shape)}"
+        )
     # shape checks of rewards, clip_range, kl_weight (log_ratios_old stands in for the (G,B,T) ratios)
-    clip, beta = check_rdp_args(fn, log_ratios_old.detach(), log_ratios_old, rewards, clip_range,
-                                kl_weight, ratios_name="log_ratios_old")
+    clip, beta = check_rdp_args(
+        fn, log_ratios_old.detach(), log_ratios_old, rewards, clip_range, kl_weight, ratios_name="log_ratios_old"
+    )
     if eps_uncond.numel() == 0:
         raise ValueError(f"{fn}: empty input of shape {tuple(shape)}")
     device = check_device(fn, dict(named, log_ratios_old=log_ratios_old, rewards=rewards))
     G, B, T = shape[:3]
     rows = G * B * T
-    coefs = tuple(coef_arg(fn, n, v, T, device, "one per step T")
-                  for n, v in (("a", a), ("b", b), ("sigma", sigma)))
+    coefs = tuple(coef_arg(fn, n, v, T, device, "one per step T") for n, v in (("a", a), ("b", b), ("sigma", sigma)))
     w = scalar_arg(fn, "guidance_scale", guidance_scale)
     flat = [flat_rows(t, rows) for t in named.values()]
-    return _FusedPRDPLoss.apply(*flat, log_ratios_old.contiguous(), rewards.contiguous(), coefs, w,
-                                reduction == "mean", clip, beta)
+    return _FusedPRDPLoss.apply(
+        *flat, log_ratios_old.contiguous(), rewards.contiguous(), coefs, w, reduction == "mean", clip, beta
+    )

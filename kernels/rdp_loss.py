@@ -41,6 +41,7 @@ the forward (when log_ratios requires grad), saved, and scaled by the upstream g
 PyTorch reference: prdp_ds.loss.rdp_loss(..., impl="torch") (and prdp_ds.loss.prdp_loss_reference
 on log-probs).
 """
+
 import torch
 import triton
 import triton.language as tl
@@ -52,14 +53,21 @@ from kernels.utils import INTERPRET, check_device, check_tensor, scalar_arg
 
 @triton.jit
 def _rdp_loss_kernel(
-    r_ptr, ro_ptr,               # (G, B, T) contiguous, any float dtype: log-ratios, old log-ratios
-    rw_ptr,                      # (G, B) contiguous, any float dtype: rewards
-    grad_ptr,                    # (G, B, T) fp32 out: dL/dr (only when WRITE_GRAD)
-    part_ptr,                    # (n_programs,) fp32 out: this program's share of the loss
-    G, B, T, groups_per_prog,
-    clip, beta,                  # fp32 scalars: clip range eps, KL weight beta
+    r_ptr,
+    ro_ptr,  # (G, B, T) contiguous, any float dtype: log-ratios, old log-ratios
+    rw_ptr,  # (G, B) contiguous, any float dtype: rewards
+    grad_ptr,  # (G, B, T) fp32 out: dL/dr (only when WRITE_GRAD)
+    part_ptr,  # (n_programs,) fp32 out: this program's share of the loss
+    G,
+    B,
+    T,
+    groups_per_prog,
+    clip,
+    beta,  # fp32 scalars: clip range eps, KL weight beta
     WRITE_GRAD: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
     pid = tl.program_id(0)
     ig = tl.arange(0, BLOCK_G)
@@ -71,12 +79,12 @@ def _rdp_loss_kernel(
     nv_acc = tl.zeros((BLOCK_G,), dtype=tl.float32)
     for g0 in range(0, G, BLOCK_G):
         gi = g0 + ig
-        m2 = (gi < G)[:, None] & b_in[None, :]                                   # (BG, BB)
+        m2 = (gi < G)[:, None] & b_in[None, :]  # (BG, BB)
         rw = tl.load(rw_ptr + gi.to(tl.int64)[:, None] * B + ib[None, :], mask=m2, other=0.0)
         rw = rw.to(tl.float32)
-        target = (rw[:, :, None] - rw[:, None, :]) / beta                         # (BG, BB, BB)
+        target = (rw[:, :, None] - rw[:, None, :]) / beta  # (BG, BB, BB)
         valid = m2[:, :, None] & m2[:, None, :] & (target > 0)
-        cnt = tl.sum(tl.sum(valid.to(tl.float32), axis=2), axis=1)               # (BG,)
+        cnt = tl.sum(tl.sum(valid.to(tl.float32), axis=2), axis=1)  # (BG,)
         nv_acc += (cnt > 0).to(tl.float32)
     inv_groups = 1.0 / tl.maximum(tl.sum(nv_acc, axis=0), 1.0)
 
@@ -86,8 +94,8 @@ def _rdp_loss_kernel(
     g_end = g_start + groups_per_prog
     for g0 in range(g_start, g_end, BLOCK_G):
         gi = g0 + ig
-        m2 = ((gi < G) & (gi < g_end))[:, None] & b_in[None, :]                  # (BG, BB)
-        base = gi.to(tl.int64)[:, None, None] * B * T + ib[None, :, None] * T     # (BG, BB, 1)
+        m2 = ((gi < G) & (gi < g_end))[:, None] & b_in[None, :]  # (BG, BB)
+        base = gi.to(tl.int64)[:, None, None] * B * T + ib[None, :, None] * T  # (BG, BB, 1)
 
         # pass A: R = mean_t r, C = mean_t clamp(r), Dg = mean_t (r - clamp(r))
         r_sum = tl.zeros((BLOCK_G, BLOCK_B), dtype=tl.float32)
@@ -95,41 +103,41 @@ def _rdp_loss_kernel(
         d_sum = tl.zeros((BLOCK_G, BLOCK_B), dtype=tl.float32)
         for t0 in range(0, T, BLOCK_T):
             tt = t0 + it
-            m3 = m2[:, :, None] & (tt < T)[None, None, :]                         # (BG, BB, BT)
+            m3 = m2[:, :, None] & (tt < T)[None, None, :]  # (BG, BB, BT)
             offs = base + tt[None, None, :]
-            r = tl.load(r_ptr + offs, mask=m3, other=0.0).to(tl.float32)          # (BG, BB, BT)
+            r = tl.load(r_ptr + offs, mask=m3, other=0.0).to(tl.float32)  # (BG, BB, BT)
             ro = tl.load(ro_ptr + offs, mask=m3, other=0.0).to(tl.float32)
-            c = tl.minimum(tl.maximum(r, ro - clip), ro + clip)                   # clipped r
+            c = tl.minimum(tl.maximum(r, ro - clip), ro + clip)  # clipped r
             r_sum += tl.sum(r, axis=2)
             c_sum += tl.sum(c, axis=2)
             d_sum += tl.sum(r - c, axis=2)
-        R = r_sum / T                                                             # (BG, BB)
+        R = r_sum / T  # (BG, BB)
         C = c_sum / T
         Dg = d_sum / T
 
         # pairs
         rw = tl.load(rw_ptr + gi.to(tl.int64)[:, None] * B + ib[None, :], mask=m2, other=0.0)
         rw = rw.to(tl.float32)
-        target = (rw[:, :, None] - rw[:, None, :]) / beta                         # (BG, BB, BB)
+        target = (rw[:, :, None] - rw[:, None, :]) / beta  # (BG, BB, BB)
         valid = m2[:, :, None] & m2[:, None, :] & (target > 0)
-        e = R[:, :, None] - R[:, None, :] - target                                # (BG, BB, BB)
+        e = R[:, :, None] - R[:, None, :] - target  # (BG, BB, BB)
         ec = C[:, :, None] - C[:, None, :] - target
         m = e * e
         mc = ec * ec
-        dec = (Dg[:, :, None] - Dg[:, None, :]) * (e + ec)                       # sign of m - mc
+        dec = (Dg[:, :, None] - Dg[:, None, :]) * (e + ec)  # sign of m - mc
         pair = tl.where(valid, tl.where(dec > 0, m, tl.where(dec < 0, mc, 0.5 * (m + mc))), 0.0)
-        cnt = tl.sum(tl.sum(valid.to(tl.float32), axis=2), axis=1)               # (BG,)
+        cnt = tl.sum(tl.sum(valid.to(tl.float32), axis=2), axis=1)  # (BG,)
         gsum = tl.sum(tl.sum(pair, axis=2), axis=1)
-        part_acc += gsum / tl.maximum(cnt, 1.0)                                   # 0 for no pairs
+        part_acc += gsum / tl.maximum(cnt, 1.0)  # 0 for no pairs
 
         if WRITE_GRAD:
             s = tl.where(cnt > 0, inv_groups / tl.maximum(cnt, 1.0), 0.0)[:, None, None]  # (BG, 1, 1)
             tie = tl.where(dec == 0, 0.5, 0.0)
             wa = tl.where(valid, tl.where(dec > 0, 1.0, tie), 0.0) * s
             wc = tl.where(valid, tl.where(dec < 0, 1.0, tie), 0.0) * s
-            A = 2.0 * e * wa                                                      # (BG, BB, BB)
+            A = 2.0 * e * wa  # (BG, BB, BB)
             Ac = 2.0 * ec * wc
-            gR = (tl.sum(A, axis=2) - tl.sum(A, axis=1)) / T                      # (BG, BB)
+            gR = (tl.sum(A, axis=2) - tl.sum(A, axis=1)) / T  # (BG, BB)
             gC = (tl.sum(Ac, axis=2) - tl.sum(Ac, axis=1)) / T
             # pass B: dL/dr = gR + gC * clamp'(r)
             for t0 in range(0, T, BLOCK_T):
@@ -140,10 +148,12 @@ def _rdp_loss_kernel(
                 ro = tl.load(ro_ptr + offs, mask=m3, other=0.0).to(tl.float32)
                 lo = ro - clip
                 hi = ro + clip
-                dclamp = (tl.where((r > lo) & (r < hi), 1.0, 0.0)
-                          + tl.where((r == lo) & (r <= hi), 0.5, 0.0)
-                          + tl.where((r == hi) & (r >= lo), 0.5, 0.0))
-                g = gR[:, :, None] + gC[:, :, None] * dclamp                      # (BG, BB, BT)
+                dclamp = (
+                    tl.where((r > lo) & (r < hi), 1.0, 0.0)
+                    + tl.where((r == lo) & (r <= hi), 0.5, 0.0)
+                    + tl.where((r == hi) & (r >= lo), 0.5, 0.0)
+                )
+                g = gR[:, :, None] + gC[:, :, None] * dclamp  # (BG, BB, BT)
                 tl.store(grad_ptr + offs, g, mask=m3)
 
     tl.store(part_ptr + pid, tl.sum(part_acc, axis=0) * inv_groups)
@@ -154,8 +164,7 @@ def _config(G, B, T):
     tile = 16384 if INTERPRET else 4096
     block_b = triton.next_power_of_2(B)
     block_t = min(triton.next_power_of_2(T), max(16, tile // block_b))
-    block_g = max(1, min(triton.next_power_of_2(G), tile // (block_b * block_t),
-                         tile // (block_b * block_b)))
+    block_g = max(1, min(triton.next_power_of_2(G), tile // (block_b * block_t), tile // (block_b * block_b)))
     n_chunks = triton.cdiv(G, block_g)
     chunks_per_prog = n_chunks if INTERPRET else min(n_chunks, 8)
     return block_g, block_b, block_t, chunks_per_prog, (4 if block_g * block_b * block_t <= 1024 else 8)
@@ -174,32 +183,50 @@ def launch_rdp_loss(r, ro, rw, clip, beta, write_grad, block_g=None, chunks_per_
     part = utils.empty_out((n_prog,), torch.float32, r.device)
     grad = utils.empty_out((G, B, T), torch.float32, r.device) if write_grad else None
     _rdp_loss_kernel[(n_prog,)](
-        r, ro, rw, grad if write_grad else part, part,
-        G, B, T, groups_per_prog, clip, beta,
-        WRITE_GRAD=write_grad, BLOCK_G=bg, BLOCK_B=bb, BLOCK_T=bt, num_warps=warps)
+        r,
+        ro,
+        rw,
+        grad if write_grad else part,
+        part,
+        G,
+        B,
+        T,
+        groups_per_prog,
+        clip,
+        beta,
+        WRITE_GRAD=write_grad,
+        BLOCK_G=bg,
+        BLOCK_B=bb,
+        BLOCK_T=bt,
+        num_warps=warps,
+    )
     loss = part[0] if n_prog == 1 else part.sum()
     return loss, grad
 
 
-def check_rdp_args(fn, log_ratios, log_ratios_old, rewards, clip_range, kl_weight,
-                   ratios_name="log_ratios"):
+def check_rdp_args(fn, log_ratios, log_ratios_old, rewards, clip_range, kl_weight, ratios_name="log_ratios"):
     named = {ratios_name: log_ratios, "log_ratios_old": log_ratios_old, "rewards": rewards}
     for name, t in named.items():
         check_tensor(fn, name, t)
     if log_ratios.dim() != 3:
         raise ValueError(f"{fn}: {ratios_name} must have shape (G, B, T), got {tuple(log_ratios.shape)}")
     if log_ratios_old.shape != log_ratios.shape:
-        raise ValueError(f"{fn}: log_ratios_old must have shape (G, B, T) = {tuple(log_ratios.shape)}, "
-                         f"got {tuple(log_ratios_old.shape)}")
+        raise ValueError(
+            f"{fn}: log_ratios_old must have shape (G, B, T) = {tuple(log_ratios.shape)}, "
+            f"got {tuple(log_ratios_old.shape)}"
+        )
     if rewards.shape != log_ratios.shape[:2]:
-        raise ValueError(f"{fn}: rewards must have shape (G, B) = {tuple(log_ratios.shape[:2])}, "
-                         f"got {tuple(rewards.shape)}")
+        raise ValueError(
+            f"{fn}: rewards must have shape (G, B) = {tuple(log_ratios.shape[:2])}, got {tuple(rewards.shape)}"
+        )
     if log_ratios.numel() == 0:
         raise ValueError(f"{fn}: empty input of shape (G, B, T) = {tuple(log_ratios.shape)}")
     for name in ("log_ratios_old", "rewards"):
         if named[name].requires_grad and torch.is_grad_enabled():
-            raise ValueError(f"{fn}: {name} requires grad, but the kernel treats it as a constant "
-                             "(its gradient is not computed); pass it detached")
+            raise ValueError(
+                f"{fn}: {name} requires grad, but the kernel treats it as a constant "
+                "(its gradient is not computed); pass it detached"
+            )
     clip = scalar_arg(fn, "clip_range", clip_range)
     beta = scalar_arg(fn, "kl_weight", kl_weight)
     if not clip >= 0:
@@ -235,5 +262,4 @@ def rdp_loss_triton(log_ratios, log_ratios_old, rewards, clip_range, kl_weight):
     fn = "rdp_loss_triton"
     clip, beta = check_rdp_args(fn, log_ratios, log_ratios_old, rewards, clip_range, kl_weight)
     check_device(fn, dict(log_ratios=log_ratios, log_ratios_old=log_ratios_old, rewards=rewards))
-    return _RDPLoss.apply(log_ratios.contiguous(), log_ratios_old.contiguous(), rewards.contiguous(),
-                          clip, beta)
+    return _RDPLoss.apply(log_ratios.contiguous(), log_ratios_old.contiguous(), rewards.contiguous(), clip, beta)

@@ -26,6 +26,7 @@ period rows: one per row, period T: one per step of a flattened (G, B, T) trajec
 
 PyTorch reference: prdp_ds.logratio.cfg_step_log_ratio(..., impl="torch").
 """
+
 import torch
 import triton
 import triton.language as tl
@@ -40,15 +41,27 @@ from kernels.utils import INTERPRET, check_device, check_latents, check_reductio
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _step_log_ratio_fwd_kernel(
-    eu_ptr, ec_ptr, er_ptr, xt_ptr, xp_ptr,      # (rows, D) contiguous, any float dtype
-    a_ptr, b_ptr, s_ptr,                         # (a_period,), (b_period,), (s_period,) fp32
-    out_ptr,                                     # (rows,) fp32
-    rows, D, a_period, b_period, s_period,
-    w,                                           # guidance scale (fp32 scalar)
-    MEAN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    eu_ptr,
+    ec_ptr,
+    er_ptr,
+    xt_ptr,
+    xp_ptr,  # (rows, D) contiguous, any float dtype
+    a_ptr,
+    b_ptr,
+    s_ptr,  # (a_period,), (b_period,), (s_period,) fp32
+    out_ptr,  # (rows,) fp32
+    rows,
+    D,
+    a_period,
+    b_period,
+    s_period,
+    w,  # guidance scale (fp32 scalar)
+    MEAN: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    r_offs = pid * BLOCK_R + tl.arange(0, BLOCK_R)                   # (BLOCK_R,)
+    r_offs = pid * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
     r_mask = r_offs < rows
     # per-row coefficients a, b, s: (BLOCK_R,) fp32; a2, b2: (BLOCK_R, 1)
     a = tl.load(a_ptr + r_offs % a_period, mask=r_mask, other=0.0)
@@ -56,10 +69,10 @@ def _step_log_ratio_fwd_kernel(
     s = tl.load(s_ptr + r_offs % s_period, mask=r_mask, other=1.0)
     a2 = a[:, None]
     b2 = b[:, None]
-    base = r_offs.to(tl.int64)[:, None] * D                          # (BLOCK_R, 1) int64
+    base = r_offs.to(tl.int64)[:, None] * D  # (BLOCK_R, 1) int64
     acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        d_offs = d0 + tl.arange(0, BLOCK_D)                          # (BLOCK_D,)
+        d_offs = d0 + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
         mask = r_mask[:, None] & (d_offs < D)[None, :]
         offs = base + d_offs[None, :]
         # eu, ec, er, xt, xp and everything below: (BLOCK_R, BLOCK_D) fp32
@@ -68,11 +81,11 @@ def _step_log_ratio_fwd_kernel(
         er = tl.load(er_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         xt = tl.load(xt_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         xp = tl.load(xp_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        eh = eu + w * (ec - eu)                                      # guided eps_hat
-        delta = b2 * (eh - er)                                       # mu_theta - mu_ref
-        resid = 2.0 * xp - 2.0 * a2 * xt - b2 * (eh + er)            # 2 x_prev - mu_theta - mu_ref
-        acc += delta * resid                                         # masked lanes add exactly 0
-    r = tl.sum(acc, axis=1) / (2.0 * s * s)                          # (BLOCK_R,)
+        eh = eu + w * (ec - eu)  # guided eps_hat
+        delta = b2 * (eh - er)  # mu_theta - mu_ref
+        resid = 2.0 * xp - 2.0 * a2 * xt - b2 * (eh + er)  # 2 x_prev - mu_theta - mu_ref
+        acc += delta * resid  # masked lanes add exactly 0
+    r = tl.sum(acc, axis=1) / (2.0 * s * s)  # (BLOCK_R,)
     if MEAN:
         r = r / D
     tl.store(out_ptr + r_offs, r, mask=r_mask)
@@ -92,28 +105,43 @@ def _cast_out(x, ptr):
 
 @triton.jit
 def _step_log_ratio_bwd_kernel(
-    eu_ptr, ec_ptr, xt_ptr, xp_ptr,              # (rows, D) contiguous, any float dtype
-    a_ptr, b_ptr, s_ptr,                         # coefficient arrays as in the forward
-    g_ptr,                                       # (rows,) fp32 upstream dL/dr
-    scale_ptr,                                   # (1,) fp32 extra upstream factor (HAS_SCALE)
-    geu_ptr, gec_ptr,                            # (rows, D) outputs, dtypes of eps_u / eps_c
-    rows, D, a_period, b_period, s_period, n_d_tiles,
+    eu_ptr,
+    ec_ptr,
+    xt_ptr,
+    xp_ptr,  # (rows, D) contiguous, any float dtype
+    a_ptr,
+    b_ptr,
+    s_ptr,  # coefficient arrays as in the forward
+    g_ptr,  # (rows,) fp32 upstream dL/dr
+    scale_ptr,  # (1,) fp32 extra upstream factor (HAS_SCALE)
+    geu_ptr,
+    gec_ptr,  # (rows, D) outputs, dtypes of eps_u / eps_c
+    rows,
+    D,
+    a_period,
+    b_period,
+    s_period,
+    n_d_tiles,
     w,
-    MEAN: tl.constexpr, HAS_SCALE: tl.constexpr, WRITE_U: tl.constexpr, WRITE_C: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    MEAN: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    WRITE_U: tl.constexpr,
+    WRITE_C: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_r = pid // n_d_tiles
     pid_d = pid % n_d_tiles
-    r_offs = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)                 # (BLOCK_R,)
+    r_offs = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
     r_mask = r_offs < rows
     a = tl.load(a_ptr + r_offs % a_period, mask=r_mask, other=0.0)
     b = tl.load(b_ptr + r_offs % b_period, mask=r_mask, other=0.0)
     s = tl.load(s_ptr + r_offs % s_period, mask=r_mask, other=1.0)
-    g = tl.load(g_ptr + r_offs, mask=r_mask, other=0.0)              # (BLOCK_R,) upstream dL/dr
+    g = tl.load(g_ptr + r_offs, mask=r_mask, other=0.0)  # (BLOCK_R,) upstream dL/dr
     if HAS_SCALE:
         g = g * tl.load(scale_ptr)
-    coef = g * b / (s * s)                                           # (BLOCK_R,)
+    coef = g * b / (s * s)  # (BLOCK_R,)
     if MEAN:
         coef = coef / D
     d_offs = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -125,8 +153,8 @@ def _step_log_ratio_bwd_kernel(
     xt = tl.load(xt_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     xp = tl.load(xp_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     eh = eu + w * (ec - eu)
-    mu = a[:, None] * xt + b[:, None] * eh                           # mu_theta
-    g_eh = coef[:, None] * (xp - mu)                                 # dL/deps_hat
+    mu = a[:, None] * xt + b[:, None] * eh  # mu_theta
+    g_eh = coef[:, None] * (xp - mu)  # dL/deps_hat
     if WRITE_U:
         tl.store(geu_ptr + offs, _cast_out((1.0 - w) * g_eh, geu_ptr), mask=mask)
     if WRITE_C:
@@ -166,8 +194,26 @@ def launch_step_fwd(eu, ec, er, xt, xp, coefs, w, mean):
     block_r, block_d, warps = _fwd_config(rows, D)
     grid = (triton.cdiv(rows, block_r),)
     _step_log_ratio_fwd_kernel[grid](
-        eu, ec, er, xt, xp, a, b, s, out, rows, D, pa, pb, ps, w,
-        MEAN=mean, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps)
+        eu,
+        ec,
+        er,
+        xt,
+        xp,
+        a,
+        b,
+        s,
+        out,
+        rows,
+        D,
+        pa,
+        pb,
+        ps,
+        w,
+        MEAN=mean,
+        BLOCK_R=block_r,
+        BLOCK_D=block_d,
+        num_warps=warps,
+    )
     return out
 
 
@@ -184,11 +230,32 @@ def launch_step_bwd(eu, ec, xt, xp, coefs, w, mean, g, scale=None, write_u=True,
     n_d_tiles = triton.cdiv(D, block_d)
     grid = (triton.cdiv(rows, block_r) * n_d_tiles,)
     _step_log_ratio_bwd_kernel[grid](
-        eu, ec, xt, xp, a, b, s, g, scale if scale is not None else g,
-        geu if write_u else gec, gec if write_c else geu,
-        rows, D, pa, pb, ps, n_d_tiles, w,
-        MEAN=mean, HAS_SCALE=scale is not None, WRITE_U=write_u, WRITE_C=write_c,
-        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps)
+        eu,
+        ec,
+        xt,
+        xp,
+        a,
+        b,
+        s,
+        g,
+        scale if scale is not None else g,
+        geu if write_u else gec,
+        gec if write_c else geu,
+        rows,
+        D,
+        pa,
+        pb,
+        ps,
+        n_d_tiles,
+        w,
+        MEAN=mean,
+        HAS_SCALE=scale is not None,
+        WRITE_U=write_u,
+        WRITE_C=write_c,
+        BLOCK_R=block_r,
+        BLOCK_D=block_d,
+        num_warps=warps,
+    )
     return geu, gec
 
 
@@ -208,14 +275,23 @@ class _StepLogRatio(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_r):
         eu, ec, xt, xp = ctx.saved_tensors
-        g = grad_r.to(torch.float32).contiguous()   # upstream of .sum() is stride-0: materialize
-        geu, gec = launch_step_bwd(eu, ec, xt, xp, ctx.coefs, ctx.w, ctx.mean, g,
-                                   write_u=ctx.needs_input_grad[0], write_c=ctx.needs_input_grad[1])
+        g = grad_r.to(torch.float32).contiguous()  # upstream of .sum() is stride-0: materialize
+        geu, gec = launch_step_bwd(
+            eu,
+            ec,
+            xt,
+            xp,
+            ctx.coefs,
+            ctx.w,
+            ctx.mean,
+            g,
+            write_u=ctx.needs_input_grad[0],
+            write_c=ctx.needs_input_grad[1],
+        )
         return geu, gec, None, None, None, None, None, None
 
 
-def step_log_ratio_triton(eps_uncond, eps_cond, eps_ref, x_t, x_prev, a, b, sigma, guidance_scale,
-                          reduction="sum"):
+def step_log_ratio_triton(eps_uncond, eps_cond, eps_ref, x_t, x_prev, a, b, sigma, guidance_scale, reduction="sum"):
     """log pi(x_prev | x_t; eps_hat) - log pi(x_prev | x_t; eps_ref) per row, fp32, one Triton pass.
 
     eps_uncond, eps_cond: (rows, ...) raw UNet outputs (fp32 / bf16 / fp16), differentiable;
@@ -232,8 +308,7 @@ def step_log_ratio_triton(eps_uncond, eps_cond, eps_ref, x_t, x_prev, a, b, sigm
     if rows == 0 or eps_uncond.numel() == 0:
         raise ValueError(f"{fn}: empty input of shape {tuple(shape)}")
     device = check_device(fn, named)
-    coefs = tuple(coef_arg(fn, n, v, rows, device, "one per row")
-                  for n, v in (("a", a), ("b", b), ("sigma", sigma)))
+    coefs = tuple(coef_arg(fn, n, v, rows, device, "one per row") for n, v in (("a", a), ("b", b), ("sigma", sigma)))
     w = scalar_arg(fn, "guidance_scale", guidance_scale)
     flat = [flat_rows(t, rows) for t in named.values()]
     return _StepLogRatio.apply(*flat, coefs, w, reduction == "mean")

@@ -1,6 +1,7 @@
 """Helpers shared by the kernel modules: argument checks, scalar and coefficient conversion, row
 flattening and the output allocator. Imports only torch and triton: kernels/ never imports prdp_ds.
 """
+
 import torch
 import triton
 
@@ -34,7 +35,8 @@ def check_device(fn, named):
     if device.type != "cuda" and not INTERPRET:
         raise RuntimeError(
             f"{fn}: tensors are on {device}, but the Triton kernels need CUDA tensors; to run on CPU "
-            "set TRITON_INTERPRET=1 before `kernels` (or triton kernels) are imported")
+            "set TRITON_INTERPRET=1 before `kernels` (or triton kernels) are imported"
+        )
     return device
 
 
@@ -42,11 +44,14 @@ def coef_arg(fn, name, value, period, device, what):
     """A scalar / 0-dim / (period,) coefficient -> (fp32 contiguous tensor, its period)."""
     if isinstance(value, torch.Tensor):
         if value.requires_grad and torch.is_grad_enabled():
-            raise ValueError(f"{fn}: {name} requires grad, but the kernel treats it as a constant "
-                             "(its gradient is not computed); pass it detached")
+            raise ValueError(
+                f"{fn}: {name} requires grad, but the kernel treats it as a constant "
+                "(its gradient is not computed); pass it detached"
+            )
         if value.numel() not in (1, period):
-            raise ValueError(f"{fn}: {name} must be a scalar or have {period} elements ({what}), "
-                             f"got shape {tuple(value.shape)}")
+            raise ValueError(
+                f"{fn}: {name} must be a scalar or have {period} elements ({what}), got shape {tuple(value.shape)}"
+            )
         t = value.detach().to(device=device, dtype=torch.float32).reshape(-1).contiguous()
         return t, t.numel()
     try:
@@ -78,11 +83,14 @@ def check_latents(fn, named, min_dim, layout):
         raise ValueError(f"{fn}: eps_uncond must have shape {layout} with >= {min_dim} dims, got {tuple(shape)}")
     for name, t in named.items():
         if t.shape != shape:
-            raise ValueError(f"{fn}: {name} has shape {tuple(t.shape)}, expected {tuple(shape)} "
-                             "(the shape of eps_uncond)")
+            raise ValueError(
+                f"{fn}: {name} has shape {tuple(t.shape)}, expected {tuple(shape)} (the shape of eps_uncond)"
+            )
         if name in ("eps_ref", "x_t", "x_prev") and t.requires_grad and torch.is_grad_enabled():
-            raise ValueError(f"{fn}: {name} requires grad, but only eps_uncond and eps_cond are "
-                             "differentiable here; pass it detached")
+            raise ValueError(
+                f"{fn}: {name} requires grad, but only eps_uncond and eps_cond are "
+                "differentiable here; pass it detached"
+            )
     return shape
 
 

@@ -2,4 +2,5 @@
 
 Data flows one way: prompts -> sampler -> rewards -> loss -> DeepSpeed engine step -> checkpoint.
 """
+
 __version__ = "0.1.0"

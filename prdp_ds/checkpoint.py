@@ -8,6 +8,7 @@ rollout_rankR.safetensors (that rank's trajectories and rewards). Everything is 
 renamed when complete; checkpoints/latest names the newest complete one; *.tmp directories (a killed save)
 are ignored on resume. Loading the saved UNet or adapter elsewhere: docs/outputs.md.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,6 +45,7 @@ def save_unet(unet, directory, save_merged_unet=False):
     """The policy in user-facing formats under `directory`: unet/ (full finetuning), or unet_lora/ and,
     if save_merged_unet, unet/ merged (LoRA). Needs the full parameters (gathered under ZeRO-3)."""
     from prdp_ds.lora import has_lora, merged_unet, save_adapter
+
     directory = Path(directory)
     if not has_lora(unet):
         unet.save_pretrained(str(directory / "unet"), safe_serialization=True)
@@ -53,12 +55,19 @@ def save_unet(unet, directory, save_merged_unet=False):
         merged_unet(unet).save_pretrained(str(directory / "unet"), safe_serialization=True)
 
 
-def save_checkpoint(engine: DeepSpeedEngine, cfg: config_lib.Config, output_dir: str | os.PathLike,
-                    state: dict[str, Any], rank: int, rollout: Rollout | None = None) -> Path:
+def save_checkpoint(
+    engine: DeepSpeedEngine,
+    cfg: config_lib.Config,
+    output_dir: str | os.PathLike,
+    state: dict[str, Any],
+    rank: int,
+    rollout: Rollout | None = None,
+) -> Path:
     """Collective: every rank calls it. state: JSON-able dict with 'epoch' and 'step_in_epoch'.
     rollout: (Trajectories, rewards (G, B), reward components) of this rank for a mid-epoch checkpoint.
     Returns the checkpoint folder."""
     import deepspeed
+
     root = Path(output_dir) / "checkpoints"
     name = checkpoint_name(state["epoch"], state["step_in_epoch"], cfg.train.steps_per_epoch)
     tmp, final = root / f"{name}.tmp", root / name
@@ -95,7 +104,9 @@ def find_checkpoint(output_dir, resume):
     a path -> that checkpoint, which must be complete."""
     if resume != "latest":
         if not is_complete(resume):
-            raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint (needs trainer_state.json and engine/)")
+            raise FileNotFoundError(
+                f"--resume {resume}: not a complete checkpoint (needs trainer_state.json and engine/)"
+            )
         return Path(resume)
     root = Path(output_dir) / "checkpoints"
     pointer = root / "latest"
@@ -105,8 +116,9 @@ def find_checkpoint(output_dir, resume):
     return complete[-1] if complete else None
 
 
-def load_checkpoint(engine: DeepSpeedEngine, path: str | os.PathLike, rank: int, schedule: StepSchedule,
-                    device: torch.device | str) -> tuple[dict[str, Any], Rollout | None]:
+def load_checkpoint(
+    engine: DeepSpeedEngine, path: str | os.PathLike, rank: int, schedule: StepSchedule, device: torch.device | str
+) -> tuple[dict[str, Any], Rollout | None]:
     """Restore the engine; returns (trainer state, rollout or None) for this rank, the rollout as
     save_checkpoint takes it: (Trajectories, rewards (G, B), reward components {name: (G * B,)})."""
     path = Path(path)

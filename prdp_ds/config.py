@@ -4,6 +4,7 @@ Resolution order: dataclass defaults < preset (or --train-config FILE) < --set o
 key is checked against the dataclasses: unknown keys are rejected with the valid ones listed,
 values are type-checked. The resolved config is printed once and saved with every checkpoint.
 """
+
 import dataclasses
 import typing
 from dataclasses import dataclass, field
@@ -15,80 +16,81 @@ import yaml
 
 @dataclass
 class ModelConfig:
-    pretrained: str = "tiny"              # 'tiny' (random-weight test models), 'world' (the pretrained synthetic world) or a local diffusers SD v1.x folder
-    seed: int = 0                         # seed of the tiny models' random weights
+    # 'tiny' (random-weight test models), 'world' (the pretrained synthetic world) or a local diffusers SD v1.x folder
+    pretrained: str = "tiny"
+    seed: int = 0  # seed of the tiny models' random weights
     gradient_checkpointing: bool = False  # UNet activation checkpointing in pass 2 (use_reentrant=False)
-    lora_rank: int = 0                    # 0: finetune the full UNet; > 0: train only LoRA adapters of this rank (peft)
-    lora_alpha: float = 0.0               # LoRA scale numerator (scale = alpha / rank); 0 means alpha = rank
+    lora_rank: int = 0  # 0: finetune the full UNet; > 0: train only LoRA adapters of this rank (peft)
+    lora_alpha: float = 0.0  # LoRA scale numerator (scale = alpha / rank); 0 means alpha = rank
 
 
 @dataclass
 class SamplerConfig:
-    num_steps: int = 50          # T, DDIM steps per trajectory
+    num_steps: int = 50  # T, DDIM steps per trajectory
     guidance_scale: float = 5.0  # w, classifier-free guidance scale
-    eta: float = 1.0             # DDIM eta (policy std scale); must be > 0
-    spacing: str = "uniform"     # DDIM timesteps: 'uniform' (the scheduler's own), 'quadratic' (more steps near t = 0)
-                                 # or 'logsnr' (uniform in log-SNR: every step's |b|/sigma alike; sampler.ddim_timesteps)
-    batch_size: int = 16         # images per UNet call while sampling (the CFG batch is twice that)
+    eta: float = 1.0  # DDIM eta (policy std scale); must be > 0
+    spacing: str = "uniform"  # DDIM timesteps: 'uniform' (the scheduler's own), 'quadratic' (more steps near t = 0)
+    # or 'logsnr' (uniform in log-SNR: every step's |b|/sigma alike; sampler.ddim_timesteps)
+    batch_size: int = 16  # images per UNet call while sampling (the CFG batch is twice that)
 
 
 @dataclass
 class LossConfig:
-    kl_weight: float = 3e-5      # beta, KL weight (reward units per nat)
-    clip_range: float = 1e-6     # epsilon, stepwise proximal clip range (nats)
-    reduction: str = "sum"       # 'sum' (true log-likelihood, paper) or 'mean' over latent elements (rescales beta by D)
-    impl: str = "auto"           # 'auto' (triton on CUDA, torch elsewhere), 'torch' or 'triton'
+    kl_weight: float = 3e-5  # beta, KL weight (reward units per nat)
+    clip_range: float = 1e-6  # epsilon, stepwise proximal clip range (nats)
+    reduction: str = "sum"  # 'sum' (true log-likelihood, paper) or 'mean' over latent elements (rescales beta by D)
+    impl: str = "auto"  # 'auto' (triton on CUDA, torch elsewhere), 'torch' or 'triton'
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 100            # E, sampling rounds
-    steps_per_epoch: int = 10    # K, optimizer steps per sampling round
+    epochs: int = 100  # E, sampling rounds
+    steps_per_epoch: int = 10  # K, optimizer steps per sampling round
     prompts_per_epoch: int = 32  # N, prompt groups per epoch over all ranks (divisible by the world size)
     images_per_prompt: int = 16  # B, images per prompt group
-    lr: float = 1e-5             # AdamW learning rate
-    weight_decay: float = 1e-4   # AdamW weight decay
-    adam_betas: typing.List[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
-    adam_eps: float = 1e-8       # AdamW epsilon
-    grad_clip: float = 1.0       # global gradient-norm clip
-    images_per_chunk: int = 4    # images per pass-2 backward (the CFG batch is 2 x images x steps)
-    steps_per_chunk: int = 1     # denoising steps per pass-2 backward
-    seed: int = 0                # seeds prompts and per-image noise: (seed, epoch, group, image)
-    max_bad_steps: int = 3       # stop after this many skipped (non-finite) steps in a row
+    lr: float = 1e-5  # AdamW learning rate
+    weight_decay: float = 1e-4  # AdamW weight decay
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
+    adam_eps: float = 1e-8  # AdamW epsilon
+    grad_clip: float = 1.0  # global gradient-norm clip
+    images_per_chunk: int = 4  # images per pass-2 backward (the CFG batch is 2 x images x steps)
+    steps_per_chunk: int = 1  # denoising steps per pass-2 backward
+    seed: int = 0  # seeds prompts and per-image noise: (seed, epoch, group, image)
+    max_bad_steps: int = 3  # stop after this many skipped (non-finite) steps in a row
 
 
 @dataclass
 class PromptsConfig:
-    source: str = "animals"      # 'animals' (45 common animals) or a local .txt file, one prompt per line
-    template: str = "{}"         # format string applied to each prompt, e.g. 'A painting of a {}'
-    field: str = "prompt"        # jsonl / json / csv / parquet: the column holding the prompt ('caption' for Pick-a-Pic)
-    dedupe: bool = True          # drop repeated prompts (counted and reported at start)
+    source: str = "animals"  # 'animals' (45 common animals) or a local .txt file, one prompt per line
+    template: str = "{}"  # format string applied to each prompt, e.g. 'A painting of a {}'
+    field: str = "prompt"  # jsonl / json / csv / parquet: the column holding the prompt ('caption' for Pick-a-Pic)
+    dedupe: bool = True  # drop repeated prompts (counted and reported at start)
     over_length: str = "truncate"  # prompts longer than the text encoder's context: 'truncate' (as SD does) or 'drop'
 
 
 @dataclass
 class AlgoConfig:
-    name: str = "prdp"           # 'prdp' (this paper) or 'ddpo' (the baseline, docs/design.md §9)
-    online: bool = True          # False: offline mode (paper 4.3), train on trajectories sampled once from the reference
-    offline_dir: str = ""        # offline dataset folder ('' means OUTPUT_DIR/offline); reused and completed if present
+    name: str = "prdp"  # 'prdp' (this paper) or 'ddpo' (the baseline, docs/design.md §9)
+    online: bool = True  # False: offline mode (paper 4.3), train on trajectories sampled once from the reference
+    offline_dir: str = ""  # offline dataset folder ('' means OUTPUT_DIR/offline); reused and completed if present
 
 
 @dataclass
 class DDPOConfig:
-    clip_range: float = 1e-4     # PPO clip on the per-step ratio exp(logp_theta - logp_old)
-    adv_clip: float = 5.0        # advantages are clipped to [-adv_clip, adv_clip]
+    clip_range: float = 1e-4  # PPO clip on the per-step ratio exp(logp_theta - logp_old)
+    adv_clip: float = 5.0  # advantages are clipped to [-adv_clip, adv_clip]
     per_prompt_norm: bool = True  # standardize rewards per prompt from its history (False: batch statistics, ablation)
-    buffer_size: int = 16        # rewards kept per prompt in the statistics tracker (DDPO's default)
-    min_count: int = 16          # history needed before a prompt's own statistics replace the batch's
-    reduction: str = "mean"      # units of the PPO ratio's log-prob: 'mean' over latent elements (DDPO's code) or 'sum'
+    buffer_size: int = 16  # rewards kept per prompt in the statistics tracker (DDPO's default)
+    min_count: int = 16  # history needed before a prompt's own statistics replace the batch's
+    reduction: str = "mean"  # units of the PPO ratio's log-prob: 'mean' over latent elements (DDPO's code) or 'sum'
 
 
 @dataclass
 class OutputConfig:
-    save_every: int = 10         # epochs between checkpoints (the last epoch is always saved)
-    sample_every: int = 5        # epochs between sample grids (samples/epoch_XXXX.png)
-    eval_prompts: typing.List[str] = field(default_factory=lambda: ["cat", "dog", "horse", "fox"])  # grid rows (templated)
-    eval_images: int = 4         # grid columns: fixed seeds per eval prompt
+    save_every: int = 10  # epochs between checkpoints (the last epoch is always saved)
+    sample_every: int = 5  # epochs between sample grids (samples/epoch_XXXX.png)
+    eval_prompts: list[str] = field(default_factory=lambda: ["cat", "dog", "horse", "fox"])  # grid rows (templated)
+    eval_images: int = 4  # grid columns: fixed seeds per eval prompt
     save_merged_unet: bool = False  # with LoRA: also save the UNet with the adapters merged (unet/) in checkpoints
 
 
@@ -102,16 +104,23 @@ class Config:
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     ddpo: DDPOConfig = field(default_factory=DDPOConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
-    reward: typing.Dict[str, typing.Any] = field(default_factory=lambda: {"brightness": 1.0})  # name -> weight or {weight, options}
+    reward: dict[str, typing.Any] = field(
+        default_factory=lambda: {"brightness": 1.0}
+    )  # name -> weight or {weight, options}
 
 
 class ConfigError(ValueError):
     """A configuration key or value is invalid."""
 
 
-CHOICES = {"loss.reduction": ("sum", "mean"), "loss.impl": ("auto", "torch", "triton"), "algo.name": ("prdp", "ddpo"),
-           "prompts.over_length": ("truncate", "drop"), "ddpo.reduction": ("sum", "mean"),
-           "sampler.spacing": ("uniform", "quadratic", "logsnr")}
+CHOICES = {
+    "loss.reduction": ("sum", "mean"),
+    "loss.impl": ("auto", "torch", "triton"),
+    "algo.name": ("prdp", "ddpo"),
+    "prompts.over_length": ("truncate", "drop"),
+    "ddpo.reduction": ("sum", "mean"),
+    "sampler.spacing": ("uniform", "quadratic", "logsnr"),
+}
 
 
 def _check_value(key, value, typ):

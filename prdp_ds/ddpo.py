@@ -11,6 +11,7 @@ against the recorded eps_old, in ddpo.reduction units) the loss is PPO's clipped
 a sum of per-(i, t) terms: each chunk of (images x steps) is backpropagated on its own, exactly, with
 DeepSpeed accumulation as in PRDP's pass 2 (no pass 1). K optimizer steps per epoch, as PRDP.
 """
+
 import math
 from collections import deque
 
@@ -27,8 +28,10 @@ class PerPromptStatTracker:
 
     def __init__(self, buffer_size, min_count):
         if buffer_size < 1 or not 1 <= min_count <= buffer_size:
-            raise ValueError(f"ddpo.buffer_size must be >= 1 and 1 <= ddpo.min_count <= ddpo.buffer_size; "
-                             f"got buffer_size={buffer_size}, min_count={min_count}")
+            raise ValueError(
+                f"ddpo.buffer_size must be >= 1 and 1 <= ddpo.min_count <= ddpo.buffer_size; "
+                f"got buffer_size={buffer_size}, min_count={min_count}"
+            )
         self.buffer_size, self.min_count = buffer_size, min_count
         self.history = {}
 
@@ -49,8 +52,11 @@ class PerPromptStatTracker:
         return out
 
     def state_dict(self):
-        return {"buffer_size": self.buffer_size, "min_count": self.min_count,
-                "history": {p: list(buf) for p, buf in self.history.items()}}
+        return {
+            "buffer_size": self.buffer_size,
+            "min_count": self.min_count,
+            "history": {p: list(buf) for p, buf in self.history.items()},
+        }
 
     def load_state_dict(self, state):
         self.history = {p: deque(values, maxlen=self.buffer_size) for p, values in state["history"].items()}
@@ -82,7 +88,7 @@ def advantages(tracker, traj, rewards, dcfg):
         return torch.full_like(rewards, float("nan"))
     adv = tracker.update(prompts, world_rewards.cpu()) if dcfg.per_prompt_norm else batch_advantages(world_rewards)
     rank = dist.get_rank() if dist.is_initialized() else 0
-    mine = adv.reshape(-1)[rank * G * B:(rank + 1) * G * B].reshape(G, B)
+    mine = adv.reshape(-1)[rank * G * B : (rank + 1) * G * B].reshape(G, B)
     return mine.clamp(-dcfg.adv_clip, dcfg.adv_clip).to(device=rewards.device, dtype=torch.float32)
 
 
@@ -114,14 +120,25 @@ def ddpo_step(engine, traj, adv, cond, uncond, cfg, impl):
         engine.backward(loss, scale_wrt_gas=False)
         engine.step()
         r = r.detach()
-        sums += torch.stack([loss.detach().double(), ((torch.exp(r * to_ddpo) - 1).abs() > d.clip_range).sum().double(),
-                             (r + r_old[images, steps]).sum().double(), (~torch.isfinite(r)).any().double()])
+        sums += torch.stack(
+            [
+                loss.detach().double(),
+                ((torch.exp(r * to_ddpo) - 1).abs() > d.clip_range).sum().double(),
+                (r + r_old[images, steps]).sum().double(),
+                (~torch.isfinite(r)).any().double(),
+            ]
+        )
     sums = all_reduce(sums)
     world = dist.get_world_size() if dist.is_initialized() else 1
     grad_norm = engine.get_global_grad_norm()
     grad_norm = float("nan") if grad_norm is None else float(grad_norm)
-    out = {"loss": sums[0].item() / world, "clip_frac": sums[1].item() / (n * world), "kl": sums[2].item() / (n * world),
-           "grad_norm": grad_norm, "lr": engine.get_lr()[0]}
+    out = {
+        "loss": sums[0].item() / world,
+        "clip_frac": sums[1].item() / (n * world),
+        "kl": sums[2].item() / (n * world),
+        "grad_norm": grad_norm,
+        "lr": engine.get_lr()[0],
+    }
     if sums[3].item() > 0 or not math.isfinite(grad_norm):
         out["skipped"] = "grad_norm"
     return out

@@ -7,6 +7,7 @@ reduces gradients on every `engine.backward`, and with fewer accumulation steps 
 calls it silently produces wrong gradients. Each backward uses scale_wrt_gas=False, so the summed
 gradient is exactly that of the loss, and the sum is kept in fp32 (data_types.grad_accum_dtype).
 """
+
 import json
 import math
 import os
@@ -17,8 +18,14 @@ import torch
 
 from prdp_ds.prompts import rank_slice
 
-OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-         "gradient_clipping", "optimizer", "scheduler")
+OWNED = (
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+    "optimizer",
+    "scheduler",
+)
 
 
 def init_distributed():
@@ -26,12 +33,17 @@ def init_distributed():
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if "WORLD_SIZE" not in os.environ:  # plain `python -m prdp_ds.train`: a one-process group
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
+        os.environ.update(
+            RANK="0",
+            LOCAL_RANK="0",
+            WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()),
+        )
     import deepspeed
+
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                                   verbose=False)
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", 0))
@@ -45,6 +57,7 @@ def run_on_ranks(prog, fn):
     process with one line naming the rank and the problem. A process group made here is torn down
     at the end; one the caller made is left to the caller."""
     from prdp_ds.models import ModelLoadError
+
     owned = not torch.distributed.is_initialized()
     rank, world, device = init_distributed()
     try:
@@ -69,9 +82,14 @@ def batch_arithmetic(cfg, world_size):
     images = groups * t.images_per_prompt
     image_chunks = math.ceil(images / t.images_per_chunk)
     step_chunks = math.ceil(cfg.sampler.num_steps / t.steps_per_chunk)
-    return dict(world_size=world_size, groups_per_rank=groups, images_per_rank=images,
-                images_per_epoch=images * world_size, backward_calls_per_step=image_chunks * step_chunks,
-                unet_cfg_rows_per_backward=2 * t.images_per_chunk * t.steps_per_chunk)
+    return dict(
+        world_size=world_size,
+        groups_per_rank=groups,
+        images_per_rank=images,
+        images_per_epoch=images * world_size,
+        backward_calls_per_step=image_chunks * step_chunks,
+        unet_cfg_rows_per_backward=2 * t.images_per_chunk * t.steps_per_chunk,
+    )
 
 
 def load_ds_json(path):
@@ -90,20 +108,28 @@ def build_ds_config(ds_json, cfg, world_size, path="--config"):
     arith = batch_arithmetic(cfg, world_size)
     gas = arith["backward_calls_per_step"]
     micro = cfg.train.images_per_chunk
-    owned = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": gas,
-             "train_batch_size": micro * gas * world_size, "gradient_clipping": cfg.train.grad_clip}
+    owned = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": gas,
+        "train_batch_size": micro * gas * world_size,
+        "gradient_clipping": cfg.train.grad_clip,
+    }
     out = dict(ds_json)
     for key in OWNED:
         if key in ds_json and ds_json[key] != owned.get(key):
             where = {"optimizer": "train.lr / train.weight_decay / train.adam_*", "scheduler": "(constant lr)"}
-            raise ValueError(f"{path}: {key!r} is owned by the training config "
-                             f"({where.get(key, 'derived from train.* and sampler.num_steps')}); "
-                             f"remove it from the JSON (it says {ds_json[key]!r}, the training config gives {owned.get(key)!r})")
+            raise ValueError(
+                f"{path}: {key!r} is owned by the training config "
+                f"({where.get(key, 'derived from train.* and sampler.num_steps')}); "
+                f"remove it from the JSON (it says {ds_json[key]!r}, the training config gives {owned.get(key)!r})"
+            )
     out.update(owned)
     accum = out.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
     if accum != "fp32":  # pass 2 sums ~T x images/chunk backward calls: in bf16 that alone costs ~1%
-        raise ValueError(f"{path}: data_types.grad_accum_dtype must be 'fp32' (the gradient is summed over every "
-                         f"pass-2 backward call), got {accum!r}")
+        raise ValueError(
+            f"{path}: data_types.grad_accum_dtype must be 'fp32' (the gradient is summed over every "
+            f"pass-2 backward call), got {accum!r}"
+        )
     bf16 = out.get("bf16", {}).get("enabled", "auto")
     if bf16 == "auto":
         bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -117,8 +143,14 @@ def build_ds_config(ds_json, cfg, world_size, path="--config"):
 
 def make_optimizer(params, cfg, on_cuda_device):
     t = cfg.train
-    return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
-                             weight_decay=t.weight_decay, fused=on_cuda_device or None)
+    return torch.optim.AdamW(
+        params,
+        lr=t.lr,
+        betas=tuple(t.adam_betas),
+        eps=t.adam_eps,
+        weight_decay=t.weight_decay,
+        fused=on_cuda_device or None,
+    )
 
 
 def make_engine(unet, ds_config, optimizer):
@@ -126,8 +158,13 @@ def make_engine(unet, ds_config, optimizer):
     ZeRO-3 and ZeRO-1/2 do so when they compute the global norm; forcing ZeRO-1/2's overflow check
     covers runs that compute none (train.grad_clip = 0). tests/test_twopass.py checks stages 2 and 3."""
     import deepspeed
-    engine, optimizer, _, _ = deepspeed.initialize(model=unet, optimizer=optimizer, config=ds_config,
-                                                   model_parameters=[p for p in unet.parameters() if p.requires_grad])
+
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=unet,
+        optimizer=optimizer,
+        config=ds_config,
+        model_parameters=[p for p in unet.parameters() if p.requires_grad],
+    )
     if hasattr(engine.optimizer, "check_grad_overflow"):  # ZeRO-1/2: off for fp32 by default
         engine.optimizer.check_grad_overflow = True
     return engine

@@ -14,10 +14,12 @@ dealt round-robin to the ranks; a rerun skips finished units and refuses other s
 (mean, std, se, n per model x prompt set x reward, paired differences to base), table.txt, grids/SET.png.
 --train-config FILE / --preset NAME supply the defaults. Layout and options: docs/evaluate.md.
 """
+
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -44,10 +46,18 @@ EVAL_EPOCH = 2**31 - 2  # evaluation seeds as if from this epoch id: neither a t
 NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
 PRECISIONS = ("auto", "fp32", "bf16")  # --precision choices
 GRID_TILE = 128  # pixels per grid image
-FROM_CONFIG = {"base": "model.pretrained", "base_seed": "model.seed", "num_steps": "sampler.num_steps",
-               "guidance_scale": "sampler.guidance_scale", "eta": "sampler.eta", "spacing": "sampler.spacing",
-               "batch_size": "sampler.batch_size",
-               "seed": "train.seed", "reward": "reward", "template": "prompts.template"}
+FROM_CONFIG = {
+    "base": "model.pretrained",
+    "base_seed": "model.seed",
+    "num_steps": "sampler.num_steps",
+    "guidance_scale": "sampler.guidance_scale",
+    "eta": "sampler.eta",
+    "spacing": "sampler.spacing",
+    "batch_size": "sampler.batch_size",
+    "seed": "train.seed",
+    "reward": "reward",
+    "template": "prompts.template",
+}
 
 
 class SettingsMismatch(ValueError):
@@ -55,14 +65,25 @@ class SettingsMismatch(ValueError):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="prdp_ds.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="prdp_ds.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--base", help="base model: 'tiny' or a local diffusers SD folder (default: model.pretrained)")
     p.add_argument("--base-seed", type=int, help="seed of the tiny base model's weights (default: model.seed)")
-    p.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
-                   help="a diffusers UNet folder, a checkpoint (holding unet/ or unet_lora/) or a training run folder")
-    p.add_argument("--prompts", action="append", default=[], metavar="[NAME=]SOURCE",
-                   help="a prompt set load_prompts accepts, e.g. 'animals' or a .txt file (default: prompts.source)")
+    p.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="a diffusers UNet folder, a checkpoint (holding unet/ or unet_lora/) or a training run folder",
+    )
+    p.add_argument(
+        "--prompts",
+        action="append",
+        default=[],
+        metavar="[NAME=]SOURCE",
+        help="a prompt set load_prompts accepts, e.g. 'animals' or a .txt file (default: prompts.source)",
+    )
     p.add_argument("--template", help="format string applied to every prompt (default: prompts.template)")
     p.add_argument("--max-prompts", type=int, help="take the first K prompts of each set")
     p.add_argument("--reward", help="YAML mapping like the training config's reward (default: its reward)")
@@ -72,9 +93,13 @@ def parse_args(argv=None):
     p.add_argument("--eta", type=float)
     p.add_argument("--spacing", choices=SPACINGS, help="DDIM timestep spacing (default: sampler.spacing)")
     p.add_argument("--batch-size", type=int, help="images per sampler call")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="dtype of the models: auto = bf16 on a bf16-capable GPU (as training samples there), else "
-                        "fp32; fp32 for models trained with bf16 off (ds_configs/zero2_fp32.json)")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="dtype of the models: auto = bf16 on a bf16-capable GPU (as training samples there), else "
+        "fp32; fp32 for models trained with bf16 off (ds_configs/zero2_fp32.json)",
+    )
     p.add_argument("--seed", type=int, help="base seed of the evaluation noise (default: train.seed)")
     p.add_argument("--prompts-per-unit", type=int, default=8, help="prompts per resumable unit of work")
     p.add_argument("--grid-prompts", type=int, default=4)
@@ -123,9 +148,11 @@ def resolve_model(arg):
         return name, "lora", str(folder / "unet_lora")
     if (folder / "config.json").is_file():
         return name, "unet", str(folder)
-    raise ModelLoadError(f"--model {arg}: {folder} is not a model; expected a diffusers UNet folder (config.json + "
-                         "*.safetensors), a checkpoint folder holding unet/ or unet_lora/, or a training run folder "
-                         "holding checkpoints/latest")
+    raise ModelLoadError(
+        f"--model {arg}: {folder} is not a model; expected a diffusers UNet folder (config.json + "
+        "*.safetensors), a checkpoint folder holding unet/ or unet_lora/, or a training run folder "
+        "holding checkpoints/latest"
+    )
 
 
 def load_prompt_sets(args):
@@ -133,20 +160,43 @@ def load_prompt_sets(args):
     for arg in args.prompts:
         name, source = _named(arg, "--prompts") if "=" in arg and not Path(arg).exists() else (Path(arg).stem, arg)
         if name in sets or not NAME.match(name):
-            raise ValueError(f"--prompts {arg!r}: prompt set name {name!r} is repeated or not a plain name; "
-                             "name it with NAME=SOURCE")
-        sets[name] = list(load_prompts(source, args.template))[:args.max_prompts]
+            raise ValueError(
+                f"--prompts {arg!r}: prompt set name {name!r} is repeated or not a plain name; name it with NAME=SOURCE"
+            )
+        sets[name] = list(load_prompts(source, args.template))[: args.max_prompts]
     return sets
 
 
 def make_settings(args, models, sets):
-    s = {k: getattr(args, k) for k in ("base", "base_seed", "template", "max_prompts", "reward", "samples",
-                                        "num_steps", "guidance_scale", "eta", "spacing", "batch_size", "seed",
-                                        "prompts_per_unit", "grid_prompts", "grid_samples")}
-    s.update(precision=str(_dtype(args.precision)).replace("torch.", ""), eval_epoch=EVAL_EPOCH,
-             models={name: {"kind": kind, "path": path} for name, kind, path in models},
-             prompt_sets={name: {"num_prompts": len(p), "sha256": hashlib.sha256(json.dumps(p).encode()).hexdigest()}
-                          for name, p in sets.items()})
+    s = {
+        k: getattr(args, k)
+        for k in (
+            "base",
+            "base_seed",
+            "template",
+            "max_prompts",
+            "reward",
+            "samples",
+            "num_steps",
+            "guidance_scale",
+            "eta",
+            "spacing",
+            "batch_size",
+            "seed",
+            "prompts_per_unit",
+            "grid_prompts",
+            "grid_samples",
+        )
+    }
+    s.update(
+        precision=str(_dtype(args.precision)).replace("torch.", ""),
+        eval_epoch=EVAL_EPOCH,
+        models={name: {"kind": kind, "path": path} for name, kind, path in models},
+        prompt_sets={
+            name: {"num_prompts": len(p), "sha256": hashlib.sha256(json.dumps(p).encode()).hexdigest()}
+            for name, p in sets.items()
+        },
+    )
     return json.loads(json.dumps(s))
 
 
@@ -154,14 +204,24 @@ def check_settings(path, settings):
     """Refuse a directory holding results of other settings; record the union of models and prompt sets."""
     old = json.loads(path.read_text()) if path.is_file() else settings
     diff = [(k, old.get(k), v) for k, v in settings.items() if k not in ("models", "prompt_sets") and old.get(k) != v]
-    diff += [(f"{k}.{n}", old[k][n], v) for k in ("models", "prompt_sets") for n, v in settings[k].items()
-             if old[k].get(n, v) != v]
+    diff += [
+        (f"{k}.{n}", old[k][n], v)
+        for k in ("models", "prompt_sets")
+        for n, v in settings[k].items()
+        if old[k].get(n, v) != v
+    ]
     if diff:
-        raise SettingsMismatch(f"{path.parent.parent} holds results computed with other settings ("
-                               + "; ".join(f"{k}: recorded {a!r}, now {b!r}" for k, a, b in diff)
-                               + "); use another --output-dir")
-    _write(path, lambda tmp: tmp.write_text(json.dumps(
-        {**settings, **{k: {**old[k], **settings[k]} for k in ("models", "prompt_sets")}}, indent=1)))
+        raise SettingsMismatch(
+            f"{path.parent.parent} holds results computed with other settings ("
+            + "; ".join(f"{k}: recorded {a!r}, now {b!r}" for k, a, b in diff)
+            + "); use another --output-dir"
+        )
+    _write(
+        path,
+        lambda tmp: tmp.write_text(
+            json.dumps({**settings, **{k: {**old[k], **settings[k]} for k in ("models", "prompt_sets")}}, indent=1)
+        ),
+    )
 
 
 def _write(path, writer):
@@ -169,6 +229,10 @@ def _write(path, writer):
     tmp = path.with_name(path.name + ".tmp")
     writer(tmp)
     os.replace(tmp, path)
+
+
+def _save_tensors(tensors, metadata, path):
+    save_file(tensors, str(path), metadata=metadata)
 
 
 def _dtype(precision):
@@ -187,13 +251,16 @@ def load_unet(model, base_unet):
     name, kind, path = model
     if kind == "lora":
         from prdp_ds.lora import load_adapter  # LoRA runs only
+
         return load_adapter(copy.deepcopy(base_unet), path)
     from diffusers import UNet2DConditionModel
+
     try:
         return UNet2DConditionModel.from_pretrained(path, use_safetensors=True)
     except (OSError, ValueError) as err:
-        raise ModelLoadError(f"--model {name}: cannot load a diffusers UNet (config.json + *.safetensors) "
-                             f"from {path}: {err}") from err
+        raise ModelLoadError(
+            f"--model {name}: cannot load a diffusers UNet (config.json + *.safetensors) from {path}: {err}"
+        ) from err
 
 
 def run_unit(models, reward_fn, prompts, ids, args):
@@ -203,14 +270,24 @@ def run_unit(models, reward_fn, prompts, ids, args):
     flat_seeds = image_seeds(args.seed, EVAL_EPOCH, ids, S).reshape(-1, 1)
     scores, grid = {}, []
     for lo in range(0, n, args.batch_size):
-        batch = flat_prompts[lo:lo + args.batch_size]
-        images = sample(models, batch, flat_seeds[lo:lo + len(batch)], args.num_steps, args.guidance_scale, args.eta,
-                        args.batch_size, with_reference=False, spacing=args.spacing).images[:, 0]
+        batch = flat_prompts[lo : lo + args.batch_size]
+        images = sample(
+            models,
+            batch,
+            flat_seeds[lo : lo + len(batch)],
+            args.num_steps,
+            args.guidance_scale,
+            args.eta,
+            args.batch_size,
+            with_reference=False,
+            spacing=args.spacing,
+        ).images[:, 0]
         total, parts = reward_fn(images, batch)
         for name, v in {"total": total, **parts}.items():
             scores.setdefault(name, []).append(v.double().cpu())
-        keep = [j - lo for j in range(lo, lo + len(batch))
-                if ids[j // S] < args.grid_prompts and j % S < args.grid_samples]
+        keep = [
+            j - lo for j in range(lo, lo + len(batch)) if ids[j // S] < args.grid_prompts and j % S < args.grid_samples
+        ]
         grid.append((images[keep] * 255).round().to(torch.uint8).cpu())
     out = {name: torch.cat(v).reshape(len(prompts), S) for name, v in scores.items()}
     grid = torch.cat(grid)
@@ -218,8 +295,14 @@ def run_unit(models, reward_fn, prompts, ids, args):
     return {**out, "grid": grid.reshape(rows, min(S, args.grid_samples), *grid.shape[1:])}
 
 
-def evaluate(args: argparse.Namespace, models_arg: list[tuple[str, str, str]], sets: dict[str, list[str]],
-             rank: int, world: int, device: torch.device) -> None:
+def evaluate(
+    args: argparse.Namespace,
+    models_arg: list[tuple[str, str, str]],
+    sets: dict[str, list[str]],
+    rank: int,
+    world: int,
+    device: torch.device,
+) -> None:
     """Collective, one call per rank: sample and score this rank's share of the pending units (model x
     prompt set x prompts), rank 0 saving each; then rank 0 writes eval.json, table.txt and the grids.
 
@@ -228,8 +311,12 @@ def evaluate(args: argparse.Namespace, models_arg: list[tuple[str, str, str]], s
     out = Path(args.output_dir)
     settings = make_settings(args, models_arg, sets)
     reward_fn = build_reward(args.reward, device)  # unknown rewards fail here, before any sampling
-    units = [(m, s, lo, min(lo + args.prompts_per_unit, len(p))) for m in [("base", "base", "")] + models_arg
-             for s, p in sets.items() for lo in range(0, len(p), args.prompts_per_unit)]
+    units = [
+        (m, s, lo, min(lo + args.prompts_per_unit, len(p)))
+        for m in [("base", "base", "")] + models_arg
+        for s, p in sets.items()
+        for lo in range(0, len(p), args.prompts_per_unit)
+    ]
     plan = [None]
     if rank == 0:
         try:
@@ -268,9 +355,9 @@ def evaluate(args: argparse.Namespace, models_arg: list[tuple[str, str, str]], s
             raise ValueError(f"rank {failed[0][0]} failed: {failed[0][1]}")
         for unit, res, _ in gathered if rank == 0 else []:
             if unit is not None:
-                prompts = json.dumps(sets[unit[1]][unit[2]:unit[3]])
-                _write(unit_file(out, unit), lambda tmp: save_file({k: v.contiguous() for k, v in res.items()},
-                                                                   str(tmp), metadata={"prompts": prompts}))
+                prompts = json.dumps(sets[unit[1]][unit[2] : unit[3]])
+                tensors = {k: v.contiguous() for k, v in res.items()}
+                _write(unit_file(out, unit), functools.partial(_save_tensors, tensors, {"prompts": prompts}))
                 bar.update()
     bar.close()
     if rank == 0:
@@ -303,12 +390,22 @@ def summarize(out, settings, units, sets):
             cell[r] = torch.cat([cell[r], v]) if r in cell else v
     results = {m: {s: {r: _stats(v) for r, v in cell.items()} for s, cell in row.items()} for m, row in scores.items()}
     # paired differences to base: every model saw the same prompts and seeds
-    vs_base = {m: {s: {r: _stats(v - scores["base"][s][r]) for r, v in cell.items()} for s, cell in row.items()}
-               for m, row in scores.items() if m != "base"}
-    grid_files = {s: str(save_grid(out / "grids" / f"{s}.png", rows, sets[s])) for s, rows in grids.items()
-                  if any(g.numel() for g in rows["base"])}
-    _write(out / "eval.json", lambda tmp: tmp.write_text(json.dumps(
-        {"settings": settings, "results": results, "vs_base": vs_base, "grids": grid_files}, indent=1)))
+    vs_base = {
+        m: {s: {r: _stats(v - scores["base"][s][r]) for r, v in cell.items()} for s, cell in row.items()}
+        for m, row in scores.items()
+        if m != "base"
+    }
+    grid_files = {
+        s: str(save_grid(out / "grids" / f"{s}.png", rows, sets[s]))
+        for s, rows in grids.items()
+        if any(g.numel() for g in rows["base"])
+    }
+    _write(
+        out / "eval.json",
+        lambda tmp: tmp.write_text(
+            json.dumps({"settings": settings, "results": results, "vs_base": vs_base, "grids": grid_files}, indent=1)
+        ),
+    )
     text = format_tables(results)
     _write(out / "table.txt", lambda tmp: tmp.write_text(text))
     print(text, flush=True)
@@ -320,8 +417,10 @@ def format_tables(results):
     sets = list(results[models[0]])
     blocks = []
     for reward in results[models[0]][sets[0]]:
-        rows = [["model", *sets]] + [[m, *(f"{results[m][s][reward]['mean']:.4f} ± {results[m][s][reward]['se']:.4f}"
-                                           for s in sets)] for m in models]
+        rows = [["model", *sets]] + [
+            [m, *(f"{results[m][s][reward]['mean']:.4f} ± {results[m][s][reward]['se']:.4f}" for s in sets)]
+            for m in models
+        ]
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         blocks.append(f"reward: {reward}\n" + "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]]))
@@ -331,14 +430,17 @@ def format_tables(results):
 def save_grid(path, rows, prompts):
     """rows: {model: [(p, s, 3, H, W) uint8 per unit]} -> a labelled PNG, one row of p x s images per model."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from torchvision.utils import make_grid
+
     images = torch.stack([torch.cat(v) for v in rows.values()])  # (M, P, S, 3, H, W)
     M, P, S, _, H, W = images.shape
     size = (GRID_TILE, round(W * GRID_TILE / H))
-    tiles = torch.nn.functional.interpolate(images.flatten(0, 2).float() / 255, size=size, mode="bilinear",
-                                            antialias=True).clamp(0, 1)
+    tiles = torch.nn.functional.interpolate(
+        images.flatten(0, 2).float() / 255, size=size, mode="bilinear", antialias=True
+    ).clamp(0, 1)
     grid = make_grid(tiles, nrow=P * S, padding=2, pad_value=1.0).permute(1, 2, 0).numpy()
     fig, ax = plt.subplots(figsize=(grid.shape[1] / 100 + 1.5, grid.shape[0] / 100 + 0.8))
     ax.imshow(grid)

@@ -12,6 +12,7 @@ Each term is small, so summing them in fp32 keeps ~1e-7 relative accuracy, while
 log-probs of size ~D loses ~1e-3 absolute. When e_1 == e_2 the result is exactly 0.
 `gaussian_log_prob` is the naive per-step log-prob, kept only as the paper's baseline.
 """
+
 import math
 
 import torch
@@ -46,8 +47,8 @@ def step_log_ratio(eps, eps_ref, x_t, x_prev, a, b, sigma, reduction="sum"):
     f32 = lambda t: t.reshape(rows, -1).to(torch.float32)  # noqa: E731
     e1, e2, xt, xp = f32(eps), f32(eps_ref), f32(x_t), f32(x_prev)
     a, b, sigma = (_per_row(c, rows, e1.device) for c in (a, b, sigma))
-    delta = b * (e1 - e2)                                 # mu_1 - mu_2
-    resid = 2 * xp - 2 * a * xt - b * (e1 + e2)           # 2 x_prev - mu_1 - mu_2
+    delta = b * (e1 - e2)  # mu_1 - mu_2
+    resid = 2 * xp - 2 * a * xt - b * (e1 + e2)  # 2 x_prev - mu_1 - mu_2
     r = (delta * resid).sum(dim=1) / (2 * sigma.squeeze(1) ** 2)
     return r / e1.shape[1] if reduction == "mean" else r
 
@@ -65,8 +66,9 @@ def gaussian_log_prob(x_prev, mean, sigma, reduction="sum"):
 IMPLS = ("torch", "triton")
 
 
-def cfg_step_log_ratio(eps_uncond, eps_cond, guidance_scale, eps_ref, x_t, x_prev, a, b, sigma,
-                       reduction="sum", impl="torch"):
+def cfg_step_log_ratio(
+    eps_uncond, eps_cond, guidance_scale, eps_ref, x_t, x_prev, a, b, sigma, reduction="sum", impl="torch"
+):
     """Step log-ratio from raw CFG outputs: r(eps_u + w (eps_c - eps_u), eps_ref), per row, fp32.
 
     eps_uncond, eps_cond: (rows, ...) in the UNet's dtype; the rest as in `step_log_ratio`.
@@ -77,7 +79,7 @@ def cfg_step_log_ratio(eps_uncond, eps_cond, guidance_scale, eps_ref, x_t, x_pre
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "triton":
         from kernels import step_log_ratio_triton
-        return step_log_ratio_triton(eps_uncond, eps_cond, eps_ref, x_t, x_prev, a, b, sigma,
-                                     guidance_scale, reduction)
+
+        return step_log_ratio_triton(eps_uncond, eps_cond, eps_ref, x_t, x_prev, a, b, sigma, guidance_scale, reduction)
     eps = guided_eps(eps_uncond.float(), eps_cond.float(), guidance_scale)
     return step_log_ratio(eps, eps_ref, x_t, x_prev, a, b, sigma, reduction)

@@ -18,6 +18,7 @@ LoraConfig as metadata, so a rank/alpha pair other than alpha = rank survives th
 diffusers user loads with `StableDiffusionPipeline.load_lora_weights(directory)`. `merged_unet`
 returns a plain UNet2DConditionModel with the adapters folded into the base weights.
 """
+
 import torch
 
 ADAPTER_NAME = "prdp"
@@ -42,6 +43,7 @@ def add_lora(unet, rank, alpha=0.0, adapter_name=ADAPTER_NAME):
     modified in place: only the adapters' parameters require grad, and lora_B is zero so the adapted
     UNet equals the base UNet exactly until the first optimizer step."""
     from peft import LoraConfig
+
     if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
         raise ValueError(f"model.lora_rank must be a positive integer to add LoRA adapters, got {rank!r}")
     if alpha < 0:
@@ -49,8 +51,12 @@ def add_lora(unet, rank, alpha=0.0, adapter_name=ADAPTER_NAME):
     if has_lora(unet):
         raise ValueError("the UNet already carries LoRA adapters")
     unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=float(alpha or rank), init_lora_weights=True,
-                                target_modules=list(TARGET_MODULES)), adapter_name=adapter_name)
+    unet.add_adapter(
+        LoraConfig(
+            r=rank, lora_alpha=float(alpha or rank), init_lora_weights=True, target_modules=list(TARGET_MODULES)
+        ),
+        adapter_name=adapter_name,
+    )
     for name, p in unet.named_parameters():  # add_adapter marks the adapter trainable; make sure of the rest
         p.requires_grad_(".lora_" in name)
     if not any(p.requires_grad for p in unet.parameters()):
@@ -95,6 +101,7 @@ class AdaptersDisabled:
 
     def _tuner_layers(self):
         from peft.tuners.tuners_utils import BaseTunerLayer
+
         return [m for m in self.module.modules() if isinstance(m, BaseTunerLayer)]
 
     @torch.no_grad()
@@ -122,6 +129,7 @@ def adapter_state_dict(unet, adapter_name=ADAPTER_NAME):
     """The adapter's tensors in diffusers' LoRA key format (no 'unet.' prefix), on CPU, contiguous."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
+
     module = _unwrap(unet)
     state = get_peft_model_state_dict(module, adapter_name=adapter_name)
     return {k: v.detach().cpu().contiguous() for k, v in convert_state_dict_to_diffusers(state).items()}
@@ -132,25 +140,37 @@ def save_adapter(unet, directory, adapter_name=ADAPTER_NAME):
     so that `StableDiffusionPipeline.load_lora_weights(directory)` loads it. Under ZeRO-3 call it
     inside deepspeed.zero.GatheredParameters (as checkpoint.save_checkpoint does)."""
     from diffusers import StableDiffusionPipeline
+
     module = _unwrap(unet)
     if adapter_name not in getattr(module, "peft_config", {}):
         raise ValueError(f"the UNet has no adapter named {adapter_name!r}")
     metadata = module.peft_config[adapter_name].to_dict()
-    StableDiffusionPipeline.save_lora_weights(str(directory), unet_lora_layers=adapter_state_dict(module, adapter_name),
-                                              weight_name=LORA_WEIGHT_NAME, safe_serialization=True,
-                                              unet_lora_adapter_metadata=metadata)
+    StableDiffusionPipeline.save_lora_weights(
+        str(directory),
+        unet_lora_layers=adapter_state_dict(module, adapter_name),
+        weight_name=LORA_WEIGHT_NAME,
+        safe_serialization=True,
+        unet_lora_adapter_metadata=metadata,
+    )
 
 
 def load_adapter(unet, directory, adapter_name=ADAPTER_NAME):
     """Load an adapter written by `save_adapter` into a plain UNet (safetensors only); returns the UNet
     with the adapter active (frozen: this is for evaluation and sampling)."""
     from pathlib import Path
+
     path = Path(directory) / LORA_WEIGHT_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no LoRA adapter (expected {LORA_WEIGHT_NAME} written by save_adapter)")
     module = _unwrap(unet)
-    module.load_lora_adapter(str(directory), prefix="unet", weight_name=LORA_WEIGHT_NAME, use_safetensors=True,
-                             adapter_name=adapter_name, local_files_only=True)
+    module.load_lora_adapter(
+        str(directory),
+        prefix="unet",
+        weight_name=LORA_WEIGHT_NAME,
+        use_safetensors=True,
+        adapter_name=adapter_name,
+        local_files_only=True,
+    )
     module.set_adapter(adapter_name)
     module.requires_grad_(False)
     return module
@@ -162,6 +182,7 @@ def merged_unet(unet, adapter_name=ADAPTER_NAME):
     plus the adapters' delta (scale * B @ A, summed in fp32, stored in the base dtype). The input UNet
     is not modified. Under ZeRO-3 call it inside deepspeed.zero.GatheredParameters."""
     from peft.tuners.lora import LoraLayer
+
     module = _unwrap(unet)
     if adapter_name not in getattr(module, "peft_config", {}):
         raise ValueError(f"the UNet has no adapter named {adapter_name!r}")

@@ -11,6 +11,7 @@ Group loss = mean of l_ij over its valid pairs; batch loss = mean over groups wi
 `prdp_loss_reference` is the paper's function (supplement G), log-ratios formed by subtracting
 log-probs; `rdp_loss` is the production form on log-ratios (torch here, or the Triton kernel).
 """
+
 import torch
 
 IMPLS = ("torch", "triton")
@@ -19,7 +20,7 @@ IMPLS = ("torch", "triton")
 def _group_mean(pair_loss, valid):
     """pair_loss, valid: (G, B, B) -> mean over valid pairs per group, then over valid groups."""
     valid = valid.to(pair_loss.dtype)
-    count = valid.sum(dim=(1, 2))                                   # (G,)
+    count = valid.sum(dim=(1, 2))  # (G,)
     group_sum = torch.where(valid > 0, pair_loss, torch.zeros_like(pair_loss)).sum(dim=(1, 2))
     has_pairs = count > 0
     group_loss = group_sum / count.clamp(min=1)
@@ -34,7 +35,9 @@ def _check_args(name, ratios, rewards, clip_range, kl_weight, *others):
         if other.shape != ratios.shape:
             raise ValueError(f"{name}: log-ratio shapes differ: {tuple(ratios.shape)} vs {tuple(other.shape)}")
     if rewards.shape != ratios.shape[:2]:
-        raise ValueError(f"{name}: rewards must have shape (G, B) = {tuple(ratios.shape[:2])}, got {tuple(rewards.shape)}")
+        raise ValueError(
+            f"{name}: rewards must have shape (G, B) = {tuple(ratios.shape[:2])}, got {tuple(rewards.shape)}"
+        )
     if not kl_weight > 0:
         raise ValueError(f"{name}: kl_weight (beta) must be > 0, got {kl_weight}")
     if not clip_range >= 0:
@@ -45,9 +48,9 @@ def _rdp_terms(log_ratios, log_ratios_old, rewards, clip_range, kl_weight):
     """Shared core -> (per-pair loss (G,B,B), valid pairs (G,B,B), clipped ratios (G,B,T),
     unclipped prediction error R_i - R_j - dr/beta (G,B,B))."""
     clipped = torch.clamp(log_ratios, log_ratios_old - clip_range, log_ratios_old + clip_range)
-    total, total_clip = log_ratios.mean(dim=-1), clipped.mean(dim=-1)          # (G, B)
-    gap = (log_ratios - clipped).mean(dim=-1)                                  # (G, B): R - C
-    target = (rewards[:, :, None] - rewards[:, None, :]) / kl_weight           # (G, B, B)
+    total, total_clip = log_ratios.mean(dim=-1), clipped.mean(dim=-1)  # (G, B)
+    gap = (log_ratios - clipped).mean(dim=-1)  # (G, B): R - C
+    target = (rewards[:, :, None] - rewards[:, None, :]) / kl_weight  # (G, B, B)
     err = total[:, :, None] - total[:, None, :] - target
     err_clip = total_clip[:, :, None] - total_clip[:, None, :] - target
     # max(err^2, err_clip^2), the larger chosen by the sign of err^2 - err_clip^2 =
@@ -61,8 +64,9 @@ def _rdp_terms(log_ratios, log_ratios_old, rewards, clip_range, kl_weight):
 def prdp_loss_reference(log_probs, log_probs_old, log_probs_ref, rewards, clip_range, kl_weight):
     """The paper's loss on log-probs (G,B,T) x3 and rewards (G,B) -> scalar (supplement G)."""
     _check_args("prdp_loss_reference", log_probs, rewards, clip_range, kl_weight, log_probs_old, log_probs_ref)
-    pair_loss, valid, _, _ = _rdp_terms(log_probs - log_probs_ref, log_probs_old - log_probs_ref,
-                                     rewards, clip_range, kl_weight)
+    pair_loss, valid, _, _ = _rdp_terms(
+        log_probs - log_probs_ref, log_probs_old - log_probs_ref, rewards, clip_range, kl_weight
+    )
     return _group_mean(pair_loss, valid)
 
 
@@ -76,6 +80,7 @@ def rdp_loss(log_ratios, log_ratios_old, rewards, clip_range, kl_weight, impl="t
     _check_args("rdp_loss", log_ratios, rewards, clip_range, kl_weight, log_ratios_old)
     if impl == "triton":
         from kernels import rdp_loss_triton
+
         return rdp_loss_triton(log_ratios, log_ratios_old, rewards, clip_range, kl_weight)
     pair_loss, valid, _, _ = _rdp_terms(log_ratios, log_ratios_old, rewards, clip_range, kl_weight)
     return _group_mean(pair_loss, valid)

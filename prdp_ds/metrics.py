@@ -1,6 +1,7 @@
 """Run outputs on rank 0: metrics.jsonl (one object per epoch), prompts.jsonl (the prompts each
 rank sampled per epoch), TensorBoard events, sample grids (samples/epoch_XXXX.png: rows = eval
 prompts, columns = fixed seeds, comparable across epochs) and training_curves.png (prdp_ds.plot)."""
+
 import json
 import math
 from pathlib import Path
@@ -16,6 +17,7 @@ class RunLog:
         if enabled:
             (self.dir / "samples").mkdir(parents=True, exist_ok=True)
             from torch.utils.tensorboard import SummaryWriter
+
             self._tb = SummaryWriter(str(self.dir / "tensorboard"))
 
     def _append(self, name, record, resumed_from):
@@ -42,6 +44,7 @@ class RunLog:
         if not self.enabled:
             return None
         from torchvision.utils import save_image
+
         path = self.dir / "samples" / f"epoch_{epoch:04d}.png"
         save_image(images.flatten(0, 1).float().cpu(), str(path), nrow=images.shape[1], padding=2)
         self._tb.add_images("samples", images.flatten(0, 1).float().cpu(), epoch)
@@ -57,6 +60,7 @@ class RunLog:
         if not self.enabled or not (self.dir / "metrics.jsonl").exists():
             return None
         from prdp_ds.plot import plot_runs
+
         return plot_runs({self.dir.name: [self.dir]}, self.dir / "training_curves.png")
 
     def close(self):
@@ -68,4 +72,5 @@ def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     import resource
+
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

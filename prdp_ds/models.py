@@ -6,6 +6,7 @@ With LoRA (`Models.add_lora`, prdp_ds/lora.py) only the adapters are trainable a
 is a view of the policy UNet with its adapters disabled, not a second copy.
 Weights load through safetensors only (`use_safetensors=True`): never an arbitrary pickle.
 """
+
 import copy
 import importlib
 from dataclasses import dataclass
@@ -14,9 +15,16 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
 SD_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-SD14_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                      num_train_timesteps=1000, steps_offset=1, set_alpha_to_one=False,
-                      clip_sample=False, prediction_type="epsilon")
+SD14_SCHEDULER = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    steps_offset=1,
+    set_alpha_to_one=False,
+    clip_sample=False,
+    prediction_type="epsilon",
+)
 
 # Model families built in other modules: model.pretrained name -> "module:builder", imported only when
 # asked for; builder(weights, reference=...) with weights None (its default) or the part after "name:".
@@ -32,6 +40,7 @@ class OpenClipTokenizer:
 
     def __init__(self, context_length):
         from open_clip.tokenizer import SimpleTokenizer
+
         self.context_length = context_length
         self._tok = SimpleTokenizer(context_length=context_length)
 
@@ -54,8 +63,13 @@ class HFTokenizer:
         return self._tok.model_max_length
 
     def __call__(self, prompts):
-        return self._tok(list(prompts), padding="max_length", truncation=True,
-                         max_length=self._tok.model_max_length, return_tensors="pt").input_ids
+        return self._tok(
+            list(prompts),
+            padding="max_length",
+            truncation=True,
+            max_length=self._tok.model_max_length,
+            return_tensors="pt",
+        ).input_ids
 
     def lengths(self, prompts):
         """Untruncated token counts, start and end tokens included."""
@@ -64,12 +78,12 @@ class HFTokenizer:
 
 @dataclass
 class Models:
-    unet: torch.nn.Module          # the policy, trainable
-    ref_unet: torch.nn.Module      # frozen copy of the initial UNet (pi_ref), with LoRA an AdaptersDisabled view,
-                                   # None when loaded with reference=False (evaluation samples without it)
-    vae: torch.nn.Module           # frozen
+    unet: torch.nn.Module  # the policy, trainable
+    ref_unet: torch.nn.Module  # frozen copy of the initial UNet (pi_ref), with LoRA an AdaptersDisabled view,
+    # None when loaded with reference=False (evaluation samples without it)
+    vae: torch.nn.Module  # frozen
     text_encoder: torch.nn.Module  # frozen
-    tokenizer: object              # prompts -> (n, L) token ids
+    tokenizer: object  # prompts -> (n, L) token ids
     scheduler: DDIMScheduler
 
     @torch.no_grad()
@@ -90,6 +104,7 @@ class Models:
         A LoRA reference view is the policy UNet itself: it moves with it and is never cast here
         (the policy's dtype, frozen base weights included, is DeepSpeed's business)."""
         from prdp_ds.lora import AdaptersDisabled
+
         self.unet.to(device)
         for m in (self.ref_unet, self.vae, self.text_encoder):
             if m is not None and not isinstance(m, AdaptersDisabled):
@@ -99,6 +114,7 @@ class Models:
     @property
     def uses_lora(self):
         from prdp_ds.lora import has_lora
+
         return has_lora(self.unet)
 
     def add_lora(self, rank, alpha=0.0):
@@ -106,6 +122,7 @@ class Models:
         policy, freezes its base weights and makes the reference the same UNet with adapters disabled
         (the reference copy is dropped). Call before the UNet is wrapped in a DeepSpeed engine."""
         from prdp_ds.lora import AdaptersDisabled, add_lora
+
         if hasattr(self.unet, "module"):
             raise RuntimeError("Models.add_lora must be called before the UNet is wrapped in a DeepSpeed engine")
         add_lora(self.unet, rank, alpha)
@@ -129,9 +146,11 @@ def make_scheduler(config=None):
     scheduler = DDIMScheduler.from_config(dict(config or SD14_SCHEDULER))
     cfg = scheduler.config
     if cfg.clip_sample or cfg.thresholding or cfg.prediction_type != "epsilon":
-        raise ModelLoadError("the PRDP sampler needs clip_sample=False, thresholding=False and "
-                             f"prediction_type='epsilon'; the scheduler config has clip_sample={cfg.clip_sample}, "
-                             f"thresholding={cfg.thresholding}, prediction_type={cfg.prediction_type!r}")
+        raise ModelLoadError(
+            "the PRDP sampler needs clip_sample=False, thresholding=False and "
+            f"prediction_type='epsilon'; the scheduler config has clip_sample={cfg.clip_sample}, "
+            f"thresholding={cfg.thresholding}, prediction_type={cfg.prediction_type!r}"
+        )
     return scheduler
 
 
@@ -143,26 +162,54 @@ def build_tiny(seed=0, reference=True):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(
-            sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=TINY["text_dim"], attention_head_dim=8, norm_num_groups=8)
+            cross_attention_dim=TINY["text_dim"],
+            attention_head_dim=8,
+            norm_num_groups=8,
+        )
         vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
-            down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-            layers_per_block=1, norm_num_groups=8, sample_size=32)
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            block_out_channels=(16, 32, 32),
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+            layers_per_block=1,
+            norm_num_groups=8,
+            sample_size=32,
+        )
         from transformers import CLIPTextConfig, CLIPTextModel
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=49408, hidden_size=TINY["text_dim"], intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=TINY["context_length"]))
-    return Models(unet=unet, ref_unet=reference_copy(unet, reference), vae=_freeze(vae),
-                  text_encoder=_freeze(text_encoder),
-                  tokenizer=OpenClipTokenizer(TINY["context_length"]), scheduler=make_scheduler())
+
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=49408,
+                hidden_size=TINY["text_dim"],
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=TINY["context_length"],
+            )
+        )
+    return Models(
+        unet=unet,
+        ref_unet=reference_copy(unet, reference),
+        vae=_freeze(vae),
+        text_encoder=_freeze(text_encoder),
+        tokenizer=OpenClipTokenizer(TINY["context_length"]),
+        scheduler=make_scheduler(),
+    )
 
 
 def load_pretrained(source, reference=True):
     """Stable Diffusion v1.x parts from a local diffusers folder (or a hub id, online only)."""
     from transformers import CLIPTextModel, CLIPTokenizer
+
     try:
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", use_safetensors=True)
         vae = AutoencoderKL.from_pretrained(source, subfolder="vae", use_safetensors=True)
@@ -174,10 +221,17 @@ def load_pretrained(source, reference=True):
             f"cannot load Stable Diffusion from model.pretrained={source!r}: {err}\n"
             f"Expected a diffusers folder holding {', '.join(SD_SUBFOLDERS)} with .safetensors weights "
             "(e.g. CompVis/stable-diffusion-v1-4, downloaded where there is network). Put it on this "
-            "machine and set model.pretrained=/path/to/that/folder; hub ids only work online.") from err
+            "machine and set model.pretrained=/path/to/that/folder; hub ids only work online."
+        ) from err
     scheduler = make_scheduler({**SD14_SCHEDULER, **{k: v for k, v in scheduler_config.items() if k in SD14_SCHEDULER}})
-    return Models(unet=unet, ref_unet=reference_copy(unet, reference), vae=_freeze(vae),
-                  text_encoder=_freeze(text_encoder), tokenizer=HFTokenizer(tokenizer), scheduler=scheduler)
+    return Models(
+        unet=unet,
+        ref_unet=reference_copy(unet, reference),
+        vae=_freeze(vae),
+        text_encoder=_freeze(text_encoder),
+        tokenizer=HFTokenizer(tokenizer),
+        scheduler=scheduler,
+    )
 
 
 def load_models(source, seed=0, reference=True):

@@ -13,6 +13,7 @@ so an interrupted build (or training run) continues where it stopped; a dataset 
 settings (model, sampler, prompts, seeds, sizes, reward, world size) is refused, naming the key.
 Disk: (2T + 1) latents of fp32 per image, about 6.6 MB at SD size (T = 50, 4x64x64).
 """
+
 import json
 from pathlib import Path
 
@@ -24,13 +25,21 @@ from prdp_ds.sampler import load_rollout, save_rollout
 
 def dataset_meta(cfg, world_size, prompts_fingerprint):
     """Everything an offline rollout depends on, as a flat JSON-able dict."""
-    return {"model.pretrained": cfg.model.pretrained, "model.seed": cfg.model.seed,
-            "model.lora_rank": cfg.model.lora_rank, "sampler.num_steps": cfg.sampler.num_steps,
-            "sampler.guidance_scale": cfg.sampler.guidance_scale, "sampler.eta": cfg.sampler.eta,
-            "sampler.spacing": cfg.sampler.spacing,
-            "train.seed": cfg.train.seed, "train.prompts_per_epoch": cfg.train.prompts_per_epoch,
-            "train.images_per_prompt": cfg.train.images_per_prompt, "prompts": prompts_fingerprint,
-            "reward": json.dumps(cfg.reward, sort_keys=True), "world_size": world_size}
+    return {
+        "model.pretrained": cfg.model.pretrained,
+        "model.seed": cfg.model.seed,
+        "model.lora_rank": cfg.model.lora_rank,
+        "sampler.num_steps": cfg.sampler.num_steps,
+        "sampler.guidance_scale": cfg.sampler.guidance_scale,
+        "sampler.eta": cfg.sampler.eta,
+        "sampler.spacing": cfg.sampler.spacing,
+        "train.seed": cfg.train.seed,
+        "train.prompts_per_epoch": cfg.train.prompts_per_epoch,
+        "train.images_per_prompt": cfg.train.images_per_prompt,
+        "prompts": prompts_fingerprint,
+        "reward": json.dumps(cfg.reward, sort_keys=True),
+        "world_size": world_size,
+    }
 
 
 class OfflineDataset:
@@ -47,9 +56,11 @@ class OfflineDataset:
             saved = json.loads(meta_file.read_text())
             diff = [k for k in sorted(set(saved) | set(self.meta)) if saved.get(k) != self.meta.get(k)]
             if diff:
-                raise ValueError(f"algo.offline_dir {self.dir}: the dataset there was made with other settings "
-                                 f"({', '.join(f'{k}: {saved.get(k)!r} there, {self.meta.get(k)!r} now' for k in diff)}); "
-                                 "use another algo.offline_dir or delete it")
+                raise ValueError(
+                    f"algo.offline_dir {self.dir}: the dataset there was made with other settings "
+                    f"({', '.join(f'{k}: {saved.get(k)!r} there, {self.meta.get(k)!r} now' for k in diff)}); "
+                    "use another algo.offline_dir or delete it"
+                )
         elif self.rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
             tmp = meta_file.with_suffix(".tmp")

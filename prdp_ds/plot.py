@@ -11,6 +11,7 @@ dropped; a repeated epoch (a resume) keeps its last record. Default panels and o
 
 Library use: ``read_metrics(run_dir)``, ``aggregate(records_per_run, key)``, ``plot_runs(runs, out)``.
 """
+
 import argparse
 import json
 import math
@@ -114,8 +115,9 @@ def plot_runs(runs, out_path, metrics=None):
     loaded = {label: [read_metrics(d) for d in dirs] for label, dirs in runs.items()}
     metrics = metrics or default_metrics([r for records in loaded.values() for r in records])
     series = {key: {label: aggregate(records, key) for label, records in loaded.items()} for key in metrics}
-    series = {key: per_label for key, per_label in series.items()
-              if any(len(epochs) for epochs, _, _ in per_label.values())}
+    series = {
+        key: per_label for key, per_label in series.items() if any(len(epochs) for epochs, _, _ in per_label.values())
+    }
     if not series:
         raise PlotError(f"none of the metrics {', '.join(metrics)} has data in any run")
     ncols = min(3, len(series))
@@ -129,7 +131,7 @@ def plot_runs(runs, out_path, metrics=None):
         ax.set_title(key)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-    for ax in axes.flat[len(series):]:
+    for ax in axes.flat[len(series) :]:
         ax.set_visible(False)
     handles = [plt.Line2D([], [], color=f"C{i % 10}", marker="o", ms=3) for i in range(len(loaded))]
     names = [f"{label} (n={len(records)} runs)" if len(records) > 1 else label for label, records in loaded.items()]
@@ -155,8 +157,12 @@ def parse_runs(args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m prdp_ds.plot", description=__doc__.split("\n")[0])
-    parser.add_argument("runs", nargs="+", metavar="[LABEL=]RUN_DIR",
-                        help="run directory with metrics.jsonl; runs sharing a LABEL are aggregated")
+    parser.add_argument(
+        "runs",
+        nargs="+",
+        metavar="[LABEL=]RUN_DIR",
+        help="run directory with metrics.jsonl; runs sharing a LABEL are aggregated",
+    )
     parser.add_argument("--out", default="comparison.png", help="figure path (default: ./comparison.png)")
     parser.add_argument("--metrics", help="comma-separated keys (default: rewards, loss, clip_frac, kl, grad_norm)")
     args = parser.parse_args(argv)

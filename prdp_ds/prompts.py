@@ -18,6 +18,7 @@ N); `check_state` refuses to resume when they changed). When N exceeds the set's
 passes e*M .. e*M+M-1 (M = ceil(N / num_prompts)) cut to N, so prompts repeat within the epoch
 (`repeats_within_epoch`).
 """
+
 import csv
 import dataclasses
 import hashlib
@@ -28,10 +29,53 @@ from pathlib import Path
 
 import numpy as np
 
-ANIMALS = (
-    "cat dog horse monkey rabbit zebra spider bird sheep deer cow goat lion tiger bear raccoon fox "
-    "wolf lizard beetle ant butterfly fish shark whale dolphin squirrel mouse rat snake turtle frog "
-    "chicken duck goose bee pig turkey fly llama camel bat gorilla hedgehog kangaroo").split()
+ANIMALS = [
+    "cat",
+    "dog",
+    "horse",
+    "monkey",
+    "rabbit",
+    "zebra",
+    "spider",
+    "bird",
+    "sheep",
+    "deer",
+    "cow",
+    "goat",
+    "lion",
+    "tiger",
+    "bear",
+    "raccoon",
+    "fox",
+    "wolf",
+    "lizard",
+    "beetle",
+    "ant",
+    "butterfly",
+    "fish",
+    "shark",
+    "whale",
+    "dolphin",
+    "squirrel",
+    "mouse",
+    "rat",
+    "snake",
+    "turtle",
+    "frog",
+    "chicken",
+    "duck",
+    "goose",
+    "bee",
+    "pig",
+    "turkey",
+    "fly",
+    "llama",
+    "camel",
+    "bat",
+    "gorilla",
+    "hedgehog",
+    "kangaroo",
+]
 
 PROMPT_SETS = {}  # name -> zero-argument function returning the set's raw prompts
 
@@ -56,11 +100,13 @@ def _prompt_set(name):
 
 def register_prompt_set(name):
     """Decorator registering a zero-argument function that returns a named set's raw prompts."""
+
     def register(fn):
         if _prompt_set(name) not in (None, fn):
             raise ValueError(f"prompt set {name!r} is already registered")
         PROMPT_SETS[name] = fn
         return fn
+
     return register
 
 
@@ -74,6 +120,7 @@ register_prompt_set("animals")(lambda: ANIMALS)
 @dataclasses.dataclass
 class PromptSet:
     """The kept, templated prompts of a source with the cleaning counts; behaves as a sequence of strings."""
+
     prompts: tuple = dataclasses.field(repr=False)
     source: str
     counts: dict
@@ -182,12 +229,18 @@ def _read_parquet(path, field):
     raise _error(path, f"no column {field!r}; columns found: {columns}", key="field")
 
 
-READERS = {".txt": lambda path, field: _read_text(path).splitlines(), ".jsonl": _read_jsonl, ".json": _read_json,
-           ".csv": _read_csv, ".parquet": _read_parquet}
+READERS = {
+    ".txt": lambda path, field: _read_text(path).splitlines(),
+    ".jsonl": _read_jsonl,
+    ".json": _read_json,
+    ".csv": _read_csv,
+    ".parquet": _read_parquet,
+}
 
 
-def load_prompts(source, template="{}", field="prompt", dedupe=True, over_length="truncate",
-                 token_lengths=None, max_tokens=None):
+def load_prompts(
+    source, template="{}", field="prompt", dedupe=True, over_length="truncate", token_lengths=None, max_tokens=None
+):
     """A named set or a local prompt file -> PromptSet of cleaned, templated prompts (see the module doc).
 
     token_lengths: list[str] -> list[int], each prompt's token count with BOS/EOS; prompts over
@@ -211,9 +264,11 @@ def load_prompts(source, template="{}", field="prompt", dedupe=True, over_length
         path = Path(source)
         files = sorted(f for f in path.iterdir() if f.suffix.lower() in READERS) if path.is_dir() else [path]
         if not files or not all(f.is_file() and f.suffix.lower() in READERS for f in files):
-            raise ValueError(f"prompts.source={source!r} is neither a named prompt set "
-                             f"({', '.join(prompt_set_names())}) nor an existing prompt file of a supported type "
-                             f"({', '.join(READERS)}) or a folder holding such files")
+            raise ValueError(
+                f"prompts.source={source!r} is neither a named prompt set "
+                f"({', '.join(prompt_set_names())}) nor an existing prompt file of a supported type "
+                f"({', '.join(READERS)}) or a folder holding such files"
+            )
         entries = [e for f in files for e in READERS[f.suffix.lower()](f, field)]
     counts = dict.fromkeys(("read", "empty", "invalid", "duplicates", "over_length", "dropped", "kept"), 0)
     counts["read"], seen, kept = len(entries), set(), []
@@ -277,9 +332,9 @@ class PromptSampler:
         epoch, k = _check_int("epoch", epoch, 0), self.epochs_per_pass
         if k:
             start = (epoch % k) * self.per_epoch
-            return self._permutation(epoch // k)[start:start + self.per_epoch].tolist()
+            return self._permutation(epoch // k)[start : start + self.per_epoch].tolist()
         m = -(-self.per_epoch // self.num_prompts)
-        return np.concatenate([self._permutation(epoch * m + j) for j in range(m)])[:self.per_epoch].tolist()
+        return np.concatenate([self._permutation(epoch * m + j) for j in range(m)])[: self.per_epoch].tolist()
 
     def prompts(self, prompt_set, epoch):
         if len(prompt_set) != self.num_prompts:
@@ -288,8 +343,12 @@ class PromptSampler:
 
     def state_dict(self, epoch):
         """JSON-able state for a checkpoint; `epoch` is the next epoch to draw (where training resumes)."""
-        state = {"seed": self.seed, "num_prompts": self.num_prompts, "per_epoch": self.per_epoch,
-                 "next_epoch": _check_int("epoch", epoch, 0)}
+        state = {
+            "seed": self.seed,
+            "num_prompts": self.num_prompts,
+            "per_epoch": self.per_epoch,
+            "next_epoch": _check_int("epoch", epoch, 0),
+        }
         if self.fingerprint is not None:
             state["fingerprint"] = self.fingerprint
         return state
@@ -306,12 +365,17 @@ class PromptSampler:
                 f"the checkpoint was made with a different prompt set ({num} prompts, fingerprint "
                 f"{str(saved_fp)[:12]}) than the current prompts.* settings give ({self.num_prompts} prompts, "
                 f"fingerprint {str(self.fingerprint)[:12]}); resume with the same prompts.source, template, field, "
-                f"dedupe and over_length, or start a new run")
-        for key, saved, now in (("train.prompts_per_epoch", per_epoch, self.per_epoch),
-                                ("train.seed", seed, self.seed)):
+                f"dedupe and over_length, or start a new run"
+            )
+        for key, saved, now in (
+            ("train.prompts_per_epoch", per_epoch, self.per_epoch),
+            ("train.seed", seed, self.seed),
+        ):
             if saved != now:
-                raise ValueError(f"the checkpoint was made with {key}={saved}, now {now}: the prompt order would "
-                                 f"change on resume; restore {key}={saved} or start a new run")
+                raise ValueError(
+                    f"the checkpoint was made with {key}={saved}, now {now}: the prompt order would "
+                    f"change on resume; restore {key}={saved} or start a new run"
+                )
         return epoch
 
 

@@ -15,6 +15,7 @@ the config key. Images are preprocessed batched as tensors on the reward's devic
 model's own PIL preprocessing; the models run without grad (bf16 autocast on CUDA), are loaded once per
 process (`_MODELS`), and each rank scores its own images.
 """
+
 import copy
 import json
 import os
@@ -36,8 +37,7 @@ HPSV2_REPO, HPSV2_FILES = "xswu/HPSv2", ("HPS_v2_compressed.pt", "HPS_v2.1_compr
 PICKSCORE_REPO = "yuvalkirstain/PickScore_v1"
 PICKSCORE_PROCESSOR_REPO = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 AESTHETIC_MLP_FILE = "sac+logos+ava1-l14-linearMSE.pth"
-AESTHETIC_MLP_SOURCE = ("https://github.com/christophschuhmann/improved-aesthetic-predictor "
-                        f"(file {AESTHETIC_MLP_FILE})")
+AESTHETIC_MLP_SOURCE = f"https://github.com/christophschuhmann/improved-aesthetic-predictor (file {AESTHETIC_MLP_FILE})"
 AESTHETIC_CLIP_REPO = "openai/clip-vit-large-patch14"
 
 # Hugging Face hub cache folder consulted for defaults; None = huggingface_hub's default
@@ -59,9 +59,11 @@ def clear_cache():
 # Locating files
 # ---------------------------------------------------------------------------------------------
 
+
 def _hub_file(repo_id, filename):
     try:
         from huggingface_hub import hf_hub_download
+
         return hf_hub_download(repo_id, filename, cache_dir=HF_CACHE_DIR, local_files_only=True)
     except Exception:  # not cached (or hub client unavailable): the caller reports
         return None
@@ -70,6 +72,7 @@ def _hub_file(repo_id, filename):
 def _hub_folder(repo_id):
     try:
         from huggingface_hub import snapshot_download
+
         return snapshot_download(repo_id, cache_dir=HF_CACHE_DIR, local_files_only=True)
     except Exception:
         return None
@@ -77,8 +80,7 @@ def _hub_folder(repo_id):
 
 def _looks_like_repo_id(value):
     parts = str(value).split("/")
-    return (len(parts) == 2 and all(parts) and not str(value).startswith((".", "~"))
-            and not os.path.isabs(str(value)))
+    return len(parts) == 2 and all(parts) and not str(value).startswith((".", "~")) and not os.path.isabs(str(value))
 
 
 def _resolve_file(key, value, hub_candidates, hint):
@@ -88,8 +90,10 @@ def _resolve_file(key, value, hub_candidates, hint):
             found = _hub_file(repo_id, filename)
             if found:
                 return Path(found)
-        raise RewardError(f"{key}: no path given and the public weights are not in the local Hugging Face "
-                          f"cache; set {key} to the local file. {hint}")
+        raise RewardError(
+            f"{key}: no path given and the public weights are not in the local Hugging Face "
+            f"cache; set {key} to the local file. {hint}"
+        )
     path = Path(os.path.expanduser(str(value)))
     if not path.is_file():
         what = "is a folder, expected a file" if path.is_dir() else "file not found"
@@ -103,8 +107,10 @@ def _resolve_folder(key, value, default_repo, hint):
         found = _hub_folder(default_repo) if default_repo else None
         if found:
             return Path(found)
-        raise RewardError(f"{key}: no path given and {default_repo or 'the public weights'} is not in the local "
-                          f"Hugging Face cache; set {key} to the local folder. {hint}")
+        raise RewardError(
+            f"{key}: no path given and {default_repo or 'the public weights'} is not in the local "
+            f"Hugging Face cache; set {key} to the local folder. {hint}"
+        )
     path = Path(os.path.expanduser(str(value)))
     if path.is_dir():
         return path
@@ -114,8 +120,10 @@ def _resolve_folder(key, value, default_repo, hint):
         found = _hub_folder(str(value))
         if found:
             return Path(found)
-        raise RewardError(f"{key}: {str(value)!r} is neither a local folder nor a repository in the local "
-                          f"Hugging Face cache (nothing is downloaded). {hint}")
+        raise RewardError(
+            f"{key}: {str(value)!r} is neither a local folder nor a repository in the local "
+            f"Hugging Face cache (nothing is downloaded). {hint}"
+        )
     raise RewardError(f"{key}: folder not found: {str(path)!r}. {hint}")
 
 
@@ -152,19 +160,21 @@ def _read_state_dict(key, path, hint):
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
+
             obj = load_file(str(path), device="cpu")
         else:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # corrupt file, arbitrary pickle refused by weights_only, ...
-        raise RewardError(f"{key}: cannot read {str(path)!r} as weights (safetensors or a torch checkpoint of "
-                          f"plain tensors; arbitrary pickles are refused): {_brief(err)}. {hint}") from err
+        raise RewardError(
+            f"{key}: cannot read {str(path)!r} as weights (safetensors or a torch checkpoint of "
+            f"plain tensors; arbitrary pickles are refused): {_brief(err)}. {hint}"
+        ) from err
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise RewardError(f"{key}: {str(path)!r} holds no state dict of tensors "
-                          f"(got {type(obj).__name__}). {hint}")
+        raise RewardError(f"{key}: {str(path)!r} holds no state dict of tensors (got {type(obj).__name__}). {hint}")
     if all(k.startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
     return obj
 
 
@@ -183,6 +193,7 @@ def _load_strict(key, module, state_dict, path, hint):
 # Tensor preprocessing reproducing the models' PIL pipelines
 # ---------------------------------------------------------------------------------------------
 
+
 def _quantize(x):
     """Round to the uint8 grid, as converting to a PIL image (and PIL's resize passes) does."""
     return (x.clamp(0.0, 1.0) * 255.0).round_().div_(255.0)
@@ -198,6 +209,7 @@ class ImagePreprocess:
     ResizeMaxSize, open_clip resize_mode='longest'): scale the longer side to `size` (round), then
     pad to `crop` with black (left/top get the floor half). Then normalize with mean/std.
     """
+
     size: int
     crop: int
     mean: tuple
@@ -224,8 +236,9 @@ class ImagePreprocess:
         # same rounding reproduce PIL to within one uint8 step at rounding ties.
         h, w = x.shape[-2:]
         if hw[1] != w:
-            x = _quantize(F.interpolate(x, size=(h, hw[1]), mode=self.interpolation, antialias=True,
-                                        align_corners=False))
+            x = _quantize(
+                F.interpolate(x, size=(h, hw[1]), mode=self.interpolation, antialias=True, align_corners=False)
+            )
         if hw[0] != h:
             x = _quantize(F.interpolate(x, size=hw, mode=self.interpolation, antialias=True, align_corners=False))
         return x
@@ -247,7 +260,7 @@ class ImagePreprocess:
                 top, left = int(round((nh - c) / 2.0)), int(round((nw - c) / 2.0))
             else:
                 top, left = (nh - c) // 2, (nw - c) // 2
-            x = x[..., top:top + c, left:left + c]
+            x = x[..., top : top + c, left : left + c]
         mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
         return (x - mean) / std
@@ -272,8 +285,11 @@ def _hw_value(size, *keys):
 def preprocess_from_image_processor(proc, crop_rounding="floor"):
     """ImagePreprocess equivalent to a transformers CLIPImageProcessor (its PIL backend)."""
     size = _hw_value(getattr(proc, "size", None), "shortest_edge", "height")
-    crop = _hw_value(getattr(proc, "crop_size", None), "height", "shortest_edge") if getattr(
-        proc, "do_center_crop", True) else size
+    crop = (
+        _hw_value(getattr(proc, "crop_size", None), "height", "shortest_edge")
+        if getattr(proc, "do_center_crop", True)
+        else size
+    )
     resample = getattr(proc, "resample", 3)
     resample = int(getattr(resample, "value", resample))
     if resample not in _PIL_RESAMPLE:
@@ -281,13 +297,21 @@ def preprocess_from_image_processor(proc, crop_rounding="floor"):
     scale = float(getattr(proc, "rescale_factor", 1 / 255) or 1 / 255) * 255.0
     mean = tuple(float(m) / scale for m in proc.image_mean)  # rescale folded into the constants
     std = tuple(float(s) / scale for s in proc.image_std)
-    return ImagePreprocess(size=int(size), crop=int(crop), mean=mean, std=std, resize_mode="shortest",
-                           crop_rounding=crop_rounding, interpolation=_PIL_RESAMPLE[resample])
+    return ImagePreprocess(
+        size=int(size),
+        crop=int(crop),
+        mean=mean,
+        std=std,
+        resize_mode="shortest",
+        crop_rounding=crop_rounding,
+        interpolation=_PIL_RESAMPLE[resample],
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # The reward callable
 # ---------------------------------------------------------------------------------------------
+
 
 class PretrainedReward:
     """(images (n,3,H,W) in [0,1], prompts) -> (n,) fp32 scores on `device`, in chunks of batch_size."""
@@ -303,12 +327,14 @@ class PretrainedReward:
     def __call__(self, images, prompts):
         prompts = list(prompts)
         if images.dim() != 4 or images.shape[1] != 3 or images.shape[0] != len(prompts):
-            raise RewardError(f"reward {self.name!r} takes images (n, 3, H, W) with n = len(prompts) = "
-                              f"{len(prompts)}, got {tuple(images.shape)}")
+            raise RewardError(
+                f"reward {self.name!r} takes images (n, 3, H, W) with n = len(prompts) = "
+                f"{len(prompts)}, got {tuple(images.shape)}"
+            )
         out = []
         for i in range(0, len(prompts), self.batch_size):
-            chunk = images[i:i + self.batch_size].to(self.device, non_blocking=True)
-            out.append(self.bundle.score(chunk, prompts[i:i + self.batch_size], self.autocast).float())
+            chunk = images[i : i + self.batch_size].to(self.device, non_blocking=True)
+            out.append(self.bundle.score(chunk, prompts[i : i + self.batch_size], self.autocast).float())
         return torch.cat(out) if out else torch.zeros(0, device=self.device)
 
 
@@ -325,22 +351,27 @@ def _features(out):
 # HPSv2
 # ---------------------------------------------------------------------------------------------
 
-HPSV2_HINT = (f"Expected the HPSv2 checkpoint ({HPSV2_FILES[0]} for v2.0 or {HPSV2_FILES[1]} for v2.1, a dict "
-              f"with 'state_dict') from the Hugging Face hub repo {HPSV2_REPO}, e.g. "
-              f"`huggingface-cli download {HPSV2_REPO} {HPSV2_FILES[0]}`.")
+HPSV2_HINT = (
+    f"Expected the HPSv2 checkpoint ({HPSV2_FILES[0]} for v2.0 or {HPSV2_FILES[1]} for v2.1, a dict "
+    f"with 'state_dict') from the Hugging Face hub repo {HPSV2_REPO}, e.g. "
+    f"`huggingface-cli download {HPSV2_REPO} {HPSV2_FILES[0]}`."
+)
 
 
 def _open_clip_config(key, clip_model):
     """(model_cfg, preprocess_cfg, tokenizer name or None) from an open_clip model name, a JSON file or a dict."""
     import open_clip
+
     builtin = None
     if isinstance(clip_model, dict):
         cfg = copy.deepcopy(clip_model)
     elif str(clip_model).endswith(".json") or os.path.sep in str(clip_model):
         path = Path(os.path.expanduser(str(clip_model)))
         if not path.is_file():
-            raise RewardError(f"{key}: open_clip model config file not found: {str(path)!r} (give an open_clip "
-                              "model name such as 'ViT-H-14' or a JSON file with embed_dim, vision_cfg, text_cfg)")
+            raise RewardError(
+                f"{key}: open_clip model config file not found: {str(path)!r} (give an open_clip "
+                "model name such as 'ViT-H-14' or a JSON file with embed_dim, vision_cfg, text_cfg)"
+            )
         try:
             cfg = json.loads(path.read_text())
         except ValueError as err:
@@ -348,8 +379,10 @@ def _open_clip_config(key, clip_model):
     else:
         cfg = open_clip.get_model_config(str(clip_model))
         if cfg is None:
-            raise RewardError(f"{key}: unknown open_clip model {clip_model!r} (HPSv2 uses 'ViT-H-14'); give a "
-                              "name from open_clip.list_models() or a JSON model config file")
+            raise RewardError(
+                f"{key}: unknown open_clip model {clip_model!r} (HPSv2 uses 'ViT-H-14'); give a "
+                "name from open_clip.list_models() or a JSON model config file"
+            )
         builtin = str(clip_model)
     preprocess_cfg = {}
     if isinstance(cfg, dict) and "model_cfg" in cfg:  # open_clip_config.json layout
@@ -358,8 +391,10 @@ def _open_clip_config(key, clip_model):
     if not isinstance(cfg, dict) or not all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
         raise RewardError(f"{key}: an open_clip model config needs embed_dim, vision_cfg and text_cfg")
     if "timm_model_name" in cfg["vision_cfg"] or "hf_model_name" in cfg["text_cfg"] or cfg.get("custom_text"):
-        raise RewardError(f"{key}: HPSv2 is a plain OpenCLIP CLIP (ViT image tower, CLIP text tower); "
-                          "timm / Hugging Face towers are not supported")
+        raise RewardError(
+            f"{key}: HPSv2 is a plain OpenCLIP CLIP (ViT image tower, CLIP text tower); "
+            "timm / Hugging Face towers are not supported"
+        )
     return copy.deepcopy(cfg), preprocess_cfg, builtin
 
 
@@ -382,6 +417,7 @@ class _HPSv2Bundle:
 def _build_hpsv2(key_prefix, checkpoint, cfg, preprocess_cfg, builtin, device):
     import open_clip
     from open_clip.model import CLIP
+
     build_cfg = {k: v for k, v in copy.deepcopy(cfg).items() if k != "custom_text"}
     model = CLIP(**build_cfg)
     state = _read_state_dict(f"{key_prefix}.checkpoint", checkpoint, HPSV2_HINT)
@@ -390,8 +426,11 @@ def _build_hpsv2(key_prefix, checkpoint, cfg, preprocess_cfg, builtin, device):
     _load_strict(f"{key_prefix}.checkpoint", model, state, checkpoint, HPSV2_HINT)
     model = model.to(device).eval().requires_grad_(False)
     context_length = cfg["text_cfg"].get("context_length", 77)
-    tokenizer = (open_clip.get_tokenizer(builtin) if builtin
-                 else open_clip.tokenizer.SimpleTokenizer(context_length=context_length))
+    tokenizer = (
+        open_clip.get_tokenizer(builtin)
+        if builtin
+        else open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
+    )
     image_size = cfg["vision_cfg"].get("image_size", 224)
     if isinstance(image_size, (list, tuple)):
         if image_size[0] != image_size[1]:
@@ -399,11 +438,15 @@ def _build_hpsv2(key_prefix, checkpoint, cfg, preprocess_cfg, builtin, device):
         image_size = image_size[0]
     # HPSv2 evaluates with open_clip's image_transform(..., resize_longest_max=True): ResizeMaxSize
     # (bicubic, longest side -> image_size) then pad with black; OpenAI CLIP mean/std.
-    preprocess = ImagePreprocess(size=int(image_size), crop=int(image_size),
-                                 mean=tuple(preprocess_cfg.get("mean") or OPENAI_CLIP_MEAN),
-                                 std=tuple(preprocess_cfg.get("std") or OPENAI_CLIP_STD),
-                                 resize_mode="longest", crop_rounding="floor",
-                                 interpolation=preprocess_cfg.get("interpolation") or "bicubic")
+    preprocess = ImagePreprocess(
+        size=int(image_size),
+        crop=int(image_size),
+        mean=tuple(preprocess_cfg.get("mean") or OPENAI_CLIP_MEAN),
+        std=tuple(preprocess_cfg.get("std") or OPENAI_CLIP_STD),
+        resize_mode="longest",
+        crop_rounding="floor",
+        interpolation=preprocess_cfg.get("interpolation") or "bicubic",
+    )
     return _HPSv2Bundle(model, tokenizer, preprocess)
 
 
@@ -427,21 +470,33 @@ def hpsv2(device="cpu", checkpoint=None, clip_model="ViT-H-14", batch_size=32, b
 # transformers CLIP loading (PickScore, aesthetic's CLIP ViT-L/14)
 # ---------------------------------------------------------------------------------------------
 
+
 def _load_hf_clip(key, folder, hint):
     from transformers import CLIPModel
+
     config_file = folder / "config.json"
     if not config_file.is_file():
-        raise RewardError(f"{key}: {str(folder)!r} has no config.json (expected a transformers CLIPModel folder "
-                          f"saved with save_pretrained). {hint}")
+        raise RewardError(
+            f"{key}: {str(folder)!r} has no config.json (expected a transformers CLIPModel folder "
+            f"saved with save_pretrained). {hint}"
+        )
     try:
         model_type = json.loads(config_file.read_text()).get("model_type")
     except ValueError as err:
         raise RewardError(f"{key}: {str(config_file)!r} is not valid JSON ({err}). {hint}") from err
     if model_type != "clip":
-        raise RewardError(f"{key}: {str(folder)!r} holds a {model_type!r} model, expected a CLIP model "
-                          f"(model_type 'clip'). {hint}")
-    if not any((folder / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json",
-                                                "pytorch_model.bin", "pytorch_model.bin.index.json")):
+        raise RewardError(
+            f"{key}: {str(folder)!r} holds a {model_type!r} model, expected a CLIP model (model_type 'clip'). {hint}"
+        )
+    if not any(
+        (folder / f).is_file()
+        for f in (
+            "model.safetensors",
+            "model.safetensors.index.json",
+            "pytorch_model.bin",
+            "pytorch_model.bin.index.json",
+        )
+    ):
         raise RewardError(f"{key}: {str(folder)!r} has no weights (model.safetensors or pytorch_model.bin). {hint}")
     try:
         # .bin files go through transformers' torch.load(weights_only=True)
@@ -451,8 +506,10 @@ def _load_hf_clip(key, folder, hint):
     missing = [k for k in info.get("missing_keys", []) if not k.endswith("position_ids")]
     mismatched = info.get("mismatched_keys", [])
     if missing or mismatched:
-        raise RewardError(f"{key}: weights in {str(folder)!r} do not fit its config (missing {sorted(missing)[:5]}"
-                          f"{'...' if len(missing) > 5 else ''}, mismatched {list(mismatched)[:5]}). {hint}")
+        raise RewardError(
+            f"{key}: weights in {str(folder)!r} do not fit its config (missing {sorted(missing)[:5]}"
+            f"{'...' if len(missing) > 5 else ''}, mismatched {list(mismatched)[:5]}). {hint}"
+        )
     return model
 
 
@@ -460,9 +517,11 @@ def _load_hf_clip(key, folder, hint):
 # PickScore
 # ---------------------------------------------------------------------------------------------
 
-PICKSCORE_HINT = (f"PickScore needs the model folder of {PICKSCORE_REPO} (config.json + weights) and the "
-                  f"processor/tokenizer folder of {PICKSCORE_PROCESSOR_REPO} (preprocessor_config.json + tokenizer "
-                  f"files) from the Hugging Face hub, e.g. `huggingface-cli download {PICKSCORE_REPO}`.")
+PICKSCORE_HINT = (
+    f"PickScore needs the model folder of {PICKSCORE_REPO} (config.json + weights) and the "
+    f"processor/tokenizer folder of {PICKSCORE_PROCESSOR_REPO} (preprocessor_config.json + tokenizer "
+    f"files) from the Hugging Face hub, e.g. `huggingface-cli download {PICKSCORE_REPO}`."
+)
 
 
 class _PickScoreBundle:
@@ -472,12 +531,14 @@ class _PickScoreBundle:
     def score(self, images, prompts, autocast):
         device = images.device
         pixels = self.preprocess(images)
-        text = self.tokenizer(prompts, padding=True, truncation=True, max_length=self.max_length,
-                              return_tensors="pt").to(device)
+        text = self.tokenizer(
+            prompts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(device)
         with _autocast(autocast):
             img = _features(self.model.get_image_features(pixel_values=pixels))
-            txt = _features(self.model.get_text_features(input_ids=text["input_ids"],
-                                                         attention_mask=text.get("attention_mask")))
+            txt = _features(
+                self.model.get_text_features(input_ids=text["input_ids"], attention_mask=text.get("attention_mask"))
+            )
         img = F.normalize(img.float(), dim=-1)
         txt = F.normalize(txt.float(), dim=-1)
         return self.model.logit_scale.float().exp() * (img * txt).sum(-1) / 100.0
@@ -485,6 +546,7 @@ class _PickScoreBundle:
 
 def _load_processor(key, folder, hint):
     from transformers import AutoImageProcessor, AutoTokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as err:
@@ -493,8 +555,9 @@ def _load_processor(key, folder, hint):
         image_processor = AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
         preprocess = preprocess_from_image_processor(image_processor, crop_rounding="floor")
     except Exception as err:
-        raise RewardError(f"{key}: no usable CLIP image processor config in {str(folder)!r} "
-                          f"({_brief(err)}). {hint}") from err
+        raise RewardError(
+            f"{key}: no usable CLIP image processor config in {str(folder)!r} ({_brief(err)}). {hint}"
+        ) from err
     return tokenizer, preprocess
 
 
@@ -525,8 +588,10 @@ def pickscore(device="cpu", model=None, processor=None, batch_size=32, bf16=True
 # LAION aesthetic (improved-aesthetic-predictor, linear-MSE MLP on CLIP ViT-L/14)
 # ---------------------------------------------------------------------------------------------
 
-AESTHETIC_HINT = (f"The aesthetic reward needs the MLP {AESTHETIC_MLP_FILE} from {AESTHETIC_MLP_SOURCE} and the "
-                  f"CLIP ViT-L/14 transformers folder {AESTHETIC_CLIP_REPO} from the Hugging Face hub.")
+AESTHETIC_HINT = (
+    f"The aesthetic reward needs the MLP {AESTHETIC_MLP_FILE} from {AESTHETIC_MLP_SOURCE} and the "
+    f"CLIP ViT-L/14 transformers folder {AESTHETIC_CLIP_REPO} from the Hugging Face hub."
+)
 
 
 class AestheticMLP(torch.nn.Module):
@@ -536,9 +601,12 @@ class AestheticMLP(torch.nn.Module):
         super().__init__()
         self.input_size = input_size
         self.layers = torch.nn.Sequential(
-            torch.nn.Linear(input_size, 1024), torch.nn.Dropout(0.2),
-            torch.nn.Linear(1024, 128), torch.nn.Dropout(0.2),
-            torch.nn.Linear(128, 64), torch.nn.Dropout(0.1),
+            torch.nn.Linear(input_size, 1024),
+            torch.nn.Dropout(0.2),
+            torch.nn.Linear(1024, 128),
+            torch.nn.Dropout(0.2),
+            torch.nn.Linear(128, 64),
+            torch.nn.Dropout(0.1),
             torch.nn.Linear(64, 16),
             torch.nn.Linear(16, 1),
         )
@@ -563,14 +631,18 @@ def _build_aesthetic(key, mlp_path, clip_dir, device):
     state = _read_state_dict(f"{key}.mlp", mlp_path, AESTHETIC_HINT)
     first = state.get("layers.0.weight")
     if first is None or first.ndim != 2:
-        raise RewardError(f"{key}.mlp: {str(mlp_path)!r} is not an improved-aesthetic-predictor MLP state dict "
-                          f"(no layers.0.weight; keys {sorted(state)[:5]}). {AESTHETIC_HINT}")
+        raise RewardError(
+            f"{key}.mlp: {str(mlp_path)!r} is not an improved-aesthetic-predictor MLP state dict "
+            f"(no layers.0.weight; keys {sorted(state)[:5]}). {AESTHETIC_HINT}"
+        )
     clip = _load_hf_clip(f"{key}.clip_model", clip_dir, AESTHETIC_HINT)
     embed_dim = int(clip.config.projection_dim)
     if first.shape[1] != embed_dim:
-        raise RewardError(f"{key}.mlp: the MLP takes {first.shape[1]}-dim embeddings but {key}.clip_model "
-                          f"({str(clip_dir)!r}) gives {embed_dim}-dim ones (the predictor is for CLIP ViT-L/14, "
-                          f"768). {AESTHETIC_HINT}")
+        raise RewardError(
+            f"{key}.mlp: the MLP takes {first.shape[1]}-dim embeddings but {key}.clip_model "
+            f"({str(clip_dir)!r}) gives {embed_dim}-dim ones (the predictor is for CLIP ViT-L/14, "
+            f"768). {AESTHETIC_HINT}"
+        )
     mlp = AestheticMLP(embed_dim)
     _load_strict(f"{key}.mlp", mlp, state, mlp_path, AESTHETIC_HINT)
     clip = clip.to(device).eval().requires_grad_(False)
@@ -578,8 +650,14 @@ def _build_aesthetic(key, mlp_path, clip_dir, device):
     vision = clip.config.vision_config
     # improved-aesthetic-predictor embeds with OpenAI CLIP's own preprocess: torchvision
     # Resize(image_size, bicubic) + CenterCrop(image_size) + OpenAI mean/std.
-    preprocess = ImagePreprocess(size=int(vision.image_size), crop=int(vision.image_size), mean=OPENAI_CLIP_MEAN,
-                                 std=OPENAI_CLIP_STD, resize_mode="shortest", crop_rounding="round")
+    preprocess = ImagePreprocess(
+        size=int(vision.image_size),
+        crop=int(vision.image_size),
+        mean=OPENAI_CLIP_MEAN,
+        std=OPENAI_CLIP_STD,
+        resize_mode="shortest",
+        crop_rounding="round",
+    )
     return _AestheticBundle(clip, mlp, preprocess)
 
 

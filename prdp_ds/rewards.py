@@ -11,6 +11,7 @@ A key holding ':' names a user's callable "module:function" with the same signat
 options, the function is a factory called with them that returns the callable). Named
 combinations (COMBINATIONS) expand to their components.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -53,11 +54,13 @@ class NonFiniteRewardError(RewardError):
 
 def register_reward(name):
     """Decorator: register `factory(device, **options) -> reward callable` under `name`."""
+
     def wrap(factory):
         if name in _REGISTRY or name in BUILTIN_REWARDS:
             raise RewardError(f"reward {name!r} is already registered")
         _REGISTRY[name] = factory
         return factory
+
     return wrap
 
 
@@ -92,8 +95,9 @@ def _make_one(name, options, device):
         return fn(**options) if options else fn
     factory = _factory(name)
     if factory is None:
-        raise RewardError(f"unknown reward {name!r}; available: {', '.join(available_rewards())} "
-                          "or a 'module:function' path")
+        raise RewardError(
+            f"unknown reward {name!r}; available: {', '.join(available_rewards())} or a 'module:function' path"
+        )
     params = inspect.signature(factory).parameters
     unknown = sorted(set(options) - set(params) - {"device"})
     if unknown:
@@ -146,10 +150,13 @@ class CombinedReward:
     def __call__(self, images, prompts):
         prompts = list(prompts)
         if images.dim() != 4 or images.shape[1] != 3 or images.shape[0] != len(prompts):
-            raise RewardError(f"rewards take images (n, 3, H, W) with n = len(prompts) = {len(prompts)}, "
-                              f"got {tuple(images.shape)}")
-        parts = {name: check_scores(name, fn(images, prompts), prompts).to(images.device)
-                 for name, (_, fn) in self.components.items()}
+            raise RewardError(
+                f"rewards take images (n, 3, H, W) with n = len(prompts) = {len(prompts)}, got {tuple(images.shape)}"
+            )
+        parts = {
+            name: check_scores(name, fn(images, prompts), prompts).to(images.device)
+            for name, (_, fn) in self.components.items()
+        }
         total = sum(self.components[name][0] * s for name, s in parts.items())
         return total, parts
 

@@ -13,6 +13,7 @@ recorded beside the trajectory; images are decoded to [0, 1]. When the policy is
 itself (offline datasets), the reference pass is not repeated: eps_ref is eps_old and r_old = 0.
 A rollout (one rank's trajectories and rewards) is saved to and loaded from safetensors.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,9 +39,9 @@ ROLLOUT_FIELDS = ("latents", "eps_old", "eps_ref", "log_ratio_old", "images", "s
 @dataclass
 class StepSchedule:
     timesteps: torch.Tensor  # (T,) long, descending
-    a: torch.Tensor          # (T,) fp32, coefficient of x_t in mu
-    b: torch.Tensor          # (T,) fp32, coefficient of eps_hat in mu
-    sigma: torch.Tensor      # (T,) fp32, policy std per step
+    a: torch.Tensor  # (T,) fp32, coefficient of x_t in mu
+    b: torch.Tensor  # (T,) fp32, coefficient of eps_hat in mu
+    sigma: torch.Tensor  # (T,) fp32, policy std per step
 
     def to(self, device):
         return StepSchedule(*(t.to(device) for t in (self.timesteps, self.a, self.b, self.sigma)))
@@ -85,12 +86,12 @@ def ddim_timesteps(scheduler, num_steps, spacing="uniform"):
 def _logsnr_timesteps(abar, num_steps):
     """(T,) long, descending from N - 1 to 1, uniform in log-SNR (ddim_timesteps' 'logsnr'). abar: (N,) fp64."""
     N = abar.shape[0]
-    log_snr = (abar / (1 - abar)).log()                                  # (N,), increasing as t falls
+    log_snr = (abar / (1 - abar)).log()  # (N,), increasing as t falls
     targets = torch.linspace(float(log_snr[N - 1]), float(log_snr[1]), num_steps, dtype=torch.float64)
-    ts = [int((log_snr - v).abs().argmin()) for v in targets]           # ts[0] = N - 1: its own log-SNR
+    ts = [int((log_snr - v).abs().argmin()) for v in targets]  # ts[0] = N - 1: its own log-SNR
     for i in range(1, num_steps):
         ts[i] = min(ts[i], ts[i - 1] - 1)
-    for i in range(num_steps - 1, -1, -1):                               # room for the steps below
+    for i in range(num_steps - 1, -1, -1):  # room for the steps below
         ts[i] = max(ts[i], num_steps - i)
     return torch.tensor(ts, dtype=torch.long)
 
@@ -115,8 +116,13 @@ def step_schedule(scheduler, num_steps, eta=1.0, spacing="uniform"):
 
 def image_seeds(base_seed, epoch, group_ids, images_per_group):
     """(G, B) int64 seeds, a pure function of (base_seed, epoch, global group id, image index)."""
-    seeds = [[int(np.random.SeedSequence([base_seed, epoch, int(g), i]).generate_state(1, np.uint64)[0] >> 1)
-              for i in range(images_per_group)] for g in group_ids]
+    seeds = [
+        [
+            int(np.random.SeedSequence([base_seed, epoch, int(g), i]).generate_state(1, np.uint64)[0] >> 1)
+            for i in range(images_per_group)
+        ]
+        for g in group_ids
+    ]
     return torch.tensor(seeds, dtype=torch.int64)
 
 
@@ -140,14 +146,14 @@ def cfg_predict(unet, x, t, cond, uncond):
 
 @dataclass
 class Trajectories:
-    prompts: list                # G prompts
-    seeds: torch.Tensor          # (G, B) int64
-    latents: torch.Tensor        # (G, B, T + 1, C, h, w) fp32: x_T ... x_0
-    eps_old: torch.Tensor        # (G, B, T, C, h, w) fp32 guided prediction of the sampling policy
-    eps_ref: torch.Tensor        # (G, B, T, C, h, w) fp32 guided prediction of the reference UNet
+    prompts: list  # G prompts
+    seeds: torch.Tensor  # (G, B) int64
+    latents: torch.Tensor  # (G, B, T + 1, C, h, w) fp32: x_T ... x_0
+    eps_old: torch.Tensor  # (G, B, T, C, h, w) fp32 guided prediction of the sampling policy
+    eps_ref: torch.Tensor  # (G, B, T, C, h, w) fp32 guided prediction of the reference UNet
     log_ratio_old: torch.Tensor  # (G, B, T) fp32 log pi_old - log pi_ref at the sampled steps
     schedule: StepSchedule
-    images: torch.Tensor         # (G, B, 3, H, W) fp32 in [0, 1]
+    images: torch.Tensor  # (G, B, 3, H, W) fp32 in [0, 1]
 
     def flat(self, name):
         """A (G, B, ...) field as (G * B, ...), images in group-major order."""
@@ -160,9 +166,19 @@ class Trajectories:
 
 
 @torch.no_grad()
-def sample(models: Models, prompts: Sequence[str], seeds: torch.Tensor, num_steps: int, guidance_scale: float,
-           eta: float = 1.0, batch_size: int = 16, reduction: str = "sum", impl: str = "torch",
-           with_reference: bool = True, spacing: str = "uniform") -> Trajectories:
+def sample(
+    models: Models,
+    prompts: Sequence[str],
+    seeds: torch.Tensor,
+    num_steps: int,
+    guidance_scale: float,
+    eta: float = 1.0,
+    batch_size: int = 16,
+    reduction: str = "sum",
+    impl: str = "torch",
+    with_reference: bool = True,
+    spacing: str = "uniform",
+) -> Trajectories:
     """Sample G groups x B images (seeds (G, B)) with the policy `models.unet`.
 
     prompts: G strings; seeds: (G, B) int64 (`image_seeds`); num_steps: T. Returns Trajectories with
@@ -209,15 +225,24 @@ def sample(models: Models, prompts: Sequence[str], seeds: torch.Tensor, num_step
                 ref_u, ref_c = cfg_predict(models.ref_unet, x, t, cond, unc)
                 eps_ref[idx, k] = guided_eps(ref_u.float(), ref_c.float(), guidance_scale)
                 eps_old[idx, k] = eps
-                r_old[idx, k] = cfg_step_log_ratio(eps_u, eps_c, guidance_scale, eps_ref[idx, k], x, x_prev,
-                                                   a, b, s, reduction, impl)
+                r_old[idx, k] = cfg_step_log_ratio(
+                    eps_u, eps_c, guidance_scale, eps_ref[idx, k], x, x_prev, a, b, s, reduction, impl
+                )
             latents[idx, k + 1] = x_prev
             x = x_prev
-    images = torch.cat([models.decode(latents[lo:lo + batch_size, -1]) for lo in range(0, n, batch_size)])
+    images = torch.cat([models.decode(latents[lo : lo + batch_size, -1]) for lo in range(0, n, batch_size)])
     shape = lambda t: None if t is None else t.reshape(G, B, *t.shape[1:])  # noqa: E731
     eps_old = shape(eps_old)
-    return Trajectories(list(prompts), seeds, shape(latents), eps_old, eps_old if policy_is_reference else shape(eps_ref),
-                        shape(r_old), sched, shape(images))
+    return Trajectories(
+        list(prompts),
+        seeds,
+        shape(latents),
+        eps_old,
+        eps_old if policy_is_reference else shape(eps_ref),
+        shape(r_old),
+        sched,
+        shape(images),
+    )
 
 
 def save_rollout(path, traj, rewards, parts=None):
@@ -225,13 +250,17 @@ def save_rollout(path, traj, rewards, parts=None):
     component) -> safetensors file, written under a .tmp name and renamed. eps_ref is stored once when
     it is eps_old (a rollout of the reference itself)."""
     from safetensors.torch import save_file
+
     path = Path(path)
     shared = traj.eps_ref is traj.eps_old
     tensors = {f: getattr(traj, f).contiguous().cpu() for f in ROLLOUT_FIELDS if not (shared and f == "eps_ref")}
     tmp = path.with_name(path.name + ".tmp")
     components = {f"reward/{name}": v.reshape(-1).contiguous().cpu() for name, v in (parts or {}).items()}
-    save_file({**tensors, **components, "rewards": rewards.contiguous().cpu()}, str(tmp),
-              metadata={"prompts": json.dumps(traj.prompts), "eps_ref_is_eps_old": json.dumps(shared)})
+    save_file(
+        {**tensors, **components, "rewards": rewards.contiguous().cpu()},
+        str(tmp),
+        metadata={"prompts": json.dumps(traj.prompts), "eps_ref_is_eps_old": json.dumps(shared)},
+    )
     os.replace(tmp, path)
 
 
@@ -239,11 +268,12 @@ def load_rollout(path, schedule, device):
     """The inverse of save_rollout -> (Trajectories, rewards (G, B), reward components) on `device`
     (no components in a file written before they were stored)."""
     from safetensors import safe_open
+
     with safe_open(str(path), "pt", device=str(device)) as f:
         meta = f.metadata()
         t = {name: f.get_tensor(name) for name in f.keys()}
     if json.loads(meta.get("eps_ref_is_eps_old", "false")):
         t["eps_ref"] = t["eps_old"]
     traj = Trajectories(prompts=json.loads(meta["prompts"]), schedule=schedule, **{f: t[f] for f in ROLLOUT_FIELDS})
-    parts = {name[len("reward/"):]: v for name, v in t.items() if name.startswith("reward/")}
+    parts = {name[len("reward/") :]: v for name, v in t.items() if name.startswith("reward/")}
     return traj, t["rewards"], parts

@@ -9,8 +9,9 @@ score them, then K optimizer steps, each exact over whole trajectories (prdp_ds.
 `algo.name: ddpo` takes DDPO's steps instead (prdp_ds.ddpo) on the same rollouts, and
 `algo.online: false` reads the rollouts from a dataset sampled once from the reference (prdp_ds.offline).
 """
-import dataclasses
+
 import argparse
+import dataclasses
 import json
 import signal
 import sys
@@ -22,8 +23,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from prdp_ds import config as config_lib
-from prdp_ds.ddpo import PerPromptStatTracker, advantages, ddpo_step
 from prdp_ds.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from prdp_ds.ddpo import PerPromptStatTracker, advantages, ddpo_step
 from prdp_ds.engine import batch_arithmetic, build_ds_config, load_ds_json, make_engine, make_optimizer, run_on_ranks
 from prdp_ds.metrics import RunLog, peak_memory_mb
 from prdp_ds.models import load_models
@@ -40,12 +41,20 @@ EVAL_EPOCH = 2**31 - 1  # eval grids draw seeds as if from this epoch id: never 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="prdp_ds.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=None, help="DeepSpeed JSON (default: ds_configs/zero2.json)")
-    p.add_argument("--preset", default=None, help=f"named training preset (default: demo); one of {config_lib.preset_names()}")
+    p.add_argument(
+        "--preset", default=None, help=f"named training preset (default: demo); one of {config_lib.preset_names()}"
+    )
     p.add_argument("--train-config", default=None, help="training config YAML (instead of --preset)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.lr=2e-5")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.lr=2e-5"
+    )
     p.add_argument("--output-dir", default="runs/prdp", help="where config, metrics, samples and checkpoints go")
-    p.add_argument("--resume", nargs="?", const="latest", default=None, help="'latest' (in --output-dir) or a checkpoint dir")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # added by the deepspeed launcher
+    p.add_argument(
+        "--resume", nargs="?", const="latest", default=None, help="'latest' (in --output-dir) or a checkpoint dir"
+    )
+    p.add_argument(
+        "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
+    )  # added by the deepspeed launcher
     return p.parse_args(argv)
 
 
@@ -101,13 +110,15 @@ class Trainer:
     def __init__(self, cfg, ds_json, output_dir, rank, world, device):
         self.cfg, self.output_dir, self.rank, self.world, self.device = cfg, Path(output_dir), rank, world, device
         self.arith = batch_arithmetic(cfg, world)
-        self.reward_fn = build_reward(cfg.reward, device)        # fails here, before any sampling
+        self.reward_fn = build_reward(cfg.reward, device)  # fails here, before any sampling
         self.ds_config = build_ds_config(ds_json, cfg, world)
         self.models = load_models(cfg.model.pretrained, cfg.model.seed)
         if cfg.model.lora_rank != 0:  # adapters only; the reference is the same UNet with them disabled
             self.models.add_lora(cfg.model.lora_rank, cfg.model.lora_alpha)
         p, tok = cfg.prompts, self.models.tokenizer
-        self.prompts = load_prompts(p.source, p.template, p.field, p.dedupe, p.over_length, tok.lengths, tok.context_length)
+        self.prompts = load_prompts(
+            p.source, p.template, p.field, p.dedupe, p.over_length, tok.lengths, tok.context_length
+        )
         self.prompt_sampler = PromptSampler.for_set(self.prompts, cfg.train.prompts_per_epoch, cfg.train.seed)
         on_gpu = device.type == "cuda"
         # frozen parts in the policy's compute dtype: at theta = ref both round alike and r = 0 exactly
@@ -119,7 +130,7 @@ class Trainer:
         unet = self.models.unet
         trainable = [q for q in unet.parameters() if q.requires_grad]
         self.engine = make_engine(unet, self.ds_config, make_optimizer(trainable, cfg, on_gpu and not offload))
-        self.models.unet = self.engine                             # the policy is called through the engine
+        self.models.unet = self.engine  # the policy is called through the engine
         self.impl = resolve_impl(cfg.loss.impl, device)
         s = cfg.sampler
         self.schedule = step_schedule(self.models.scheduler, s.num_steps, s.eta, s.spacing).to(device)
@@ -127,8 +138,15 @@ class Trainer:
         self.bad_in_a_row = 0
         ddpo = cfg.algo.name == "ddpo"
         self.tracker = PerPromptStatTracker(cfg.ddpo.buffer_size, cfg.ddpo.min_count) if ddpo else None
-        self.offline = None if cfg.algo.online else OfflineDataset(
-            cfg.algo.offline_dir or self.output_dir / "offline", dataset_meta(cfg, world, self.prompts.fingerprint), rank)
+        self.offline = (
+            None
+            if cfg.algo.online
+            else OfflineDataset(
+                cfg.algo.offline_dir or self.output_dir / "offline",
+                dataset_meta(cfg, world, self.prompts.fingerprint),
+                rank,
+            )
+        )
 
     def say(self, text):
         if self.rank == 0:
@@ -145,8 +163,11 @@ class Trainer:
         print("batch arithmetic: " + json.dumps(self.arith), flush=True)
         print(self.prompts.summary(), flush=True)
         if self.prompt_sampler.repeats_within_epoch:
-            print(f"warning: train.prompts_per_epoch={self.cfg.train.prompts_per_epoch} exceeds the {len(self.prompts)} "
-                  "prompts of the set: prompts repeat within an epoch", flush=True)
+            print(
+                f"warning: train.prompts_per_epoch={self.cfg.train.prompts_per_epoch} exceeds the {len(self.prompts)} "
+                "prompts of the set: prompts repeat within an epoch",
+                flush=True,
+            )
         if self.ds_config["bf16"]["enabled"]:
             print("precision: bf16 UNets (fp32 master weights and gradient sums)", flush=True)
         elif torch.cuda.is_available() and torch.cuda.is_bf16_supported():
@@ -165,8 +186,18 @@ class Trainer:
         group_ids = rank_slice(cfg.train.prompts_per_epoch, self.rank, self.world)
         all_prompts = self.prompt_sampler.prompts(self.prompts, epoch)
         seeds = image_seeds(cfg.train.seed, epoch, group_ids, cfg.train.images_per_prompt)
-        traj = sample(models, [all_prompts[g] for g in group_ids], seeds, s.num_steps, s.guidance_scale,
-                      s.eta, s.batch_size, cfg.loss.reduction, self.impl, spacing=s.spacing)
+        traj = sample(
+            models,
+            [all_prompts[g] for g in group_ids],
+            seeds,
+            s.num_steps,
+            s.guidance_scale,
+            s.eta,
+            s.batch_size,
+            cfg.loss.reduction,
+            self.impl,
+            spacing=s.spacing,
+        )
         G, B = seeds.shape
         try:
             total, parts = self.reward_fn(traj.images.flatten(0, 1), traj.flat_prompts)
@@ -182,9 +213,17 @@ class Trainer:
         o = self.cfg.output
         prompts = [self.cfg.prompts.template.format(p) for p in o.eval_prompts]
         seeds = image_seeds(self.cfg.train.seed, EVAL_EPOCH, range(len(prompts)), o.eval_images)
-        traj = sample(self.models, prompts, seeds, self.cfg.sampler.num_steps, self.cfg.sampler.guidance_scale,
-                      self.cfg.sampler.eta, self.cfg.sampler.batch_size, with_reference=False,
-                      spacing=self.cfg.sampler.spacing)
+        traj = sample(
+            self.models,
+            prompts,
+            seeds,
+            self.cfg.sampler.num_steps,
+            self.cfg.sampler.guidance_scale,
+            self.cfg.sampler.eta,
+            self.cfg.sampler.batch_size,
+            with_reference=False,
+            spacing=self.cfg.sampler.spacing,
+        )
         self.log.save_grid(epoch, traj.images)
         try:
             total, parts = self.reward_fn(traj.images.flatten(0, 1), traj.flat_prompts)
@@ -206,8 +245,9 @@ class Trainer:
         steps, k = [], first_k
         while k < cfg.train.steps_per_epoch:
             if self.tracker is None:
-                stats = prdp_step(self.engine, traj, rewards, cond, uncond, cfg, self.impl,
-                                  first_step=k == 0 and cfg.algo.online)
+                stats = prdp_step(
+                    self.engine, traj, rewards, cond, uncond, cfg, self.impl, first_step=k == 0 and cfg.algo.online
+                )
             else:
                 stats = ddpo_step(self.engine, traj, adv, cond, uncond, cfg, self.impl)
             k += 1
@@ -216,8 +256,14 @@ class Trainer:
             if preempt.agreed(self.device) and k < cfg.train.steps_per_epoch:
                 self.say(f"SIGTERM: checkpointing epoch {epoch} after step {k} and exiting")
                 state = self.state(epoch, k, tracker_before if self.tracker is not None else None)
-                save_checkpoint(self.engine, cfg, self.output_dir, state, self.rank,
-                                rollout=(traj, rewards, parts) if self.offline is None else None)
+                save_checkpoint(
+                    self.engine,
+                    cfg,
+                    self.output_dir,
+                    state,
+                    self.rank,
+                    rollout=(traj, rewards, parts) if self.offline is None else None,
+                )
                 raise SystemExit(0)
         train_s = time.perf_counter() - start
         all_rewards = _gather(rewards.reshape(-1))
@@ -227,22 +273,37 @@ class Trainer:
         components = {}
         for name, v in parts.items():
             v = _gather(v.reshape(-1).to(self.device))
-            components.update({f"reward/{name}": float(v.mean()), f"reward/{name}_std": float(v.std()) if v.numel() > 1 else 0.0})
+            components.update(
+                {f"reward/{name}": float(v.mean()), f"reward/{name}_std": float(v.std()) if v.numel() > 1 else 0.0}
+            )
         n = all_rewards.numel()
-        record = {"epoch": epoch, "reward_mean": float(all_rewards.mean()),
-                  "reward_std": float(all_rewards.std()) if n > 1 else 0.0, "num_images": n,
-                  "loss": sum(s["loss"] for s in applied) / len(applied) if applied else float("nan"),
-                  "grad_norm": sum(s["grad_norm"] for s in applied) / len(applied) if applied else float("nan"),
-                  "lr": self.engine.get_lr()[0], "steps_applied": len(applied), "steps_skipped": len(steps) - len(applied),
-                  **_mean_all(local, self.device), **components,
-                  "sample_s": sample_s, "train_s": train_s, "images_per_s": n / max(sample_s + train_s, 1e-9),
-                  "peak_mem_mb": peak_memory_mb(self.device)}
+        record = {
+            "epoch": epoch,
+            "reward_mean": float(all_rewards.mean()),
+            "reward_std": float(all_rewards.std()) if n > 1 else 0.0,
+            "num_images": n,
+            "loss": sum(s["loss"] for s in applied) / len(applied) if applied else float("nan"),
+            "grad_norm": sum(s["grad_norm"] for s in applied) / len(applied) if applied else float("nan"),
+            "lr": self.engine.get_lr()[0],
+            "steps_applied": len(applied),
+            "steps_skipped": len(steps) - len(applied),
+            **_mean_all(local, self.device),
+            **components,
+            "sample_s": sample_s,
+            "train_s": train_s,
+            "images_per_s": n / max(sample_s + train_s, 1e-9),
+            "peak_mem_mb": peak_memory_mb(self.device),
+        }
         return record
 
     def state(self, epoch, step_in_epoch, tracker_state=None):
         """What trainer_state.json holds besides the engine: position, DDPO statistics."""
-        state = {"epoch": epoch, "step_in_epoch": step_in_epoch, "algo": self.cfg.algo.name,
-                 "prompts": self.prompt_sampler.state_dict(epoch + 1)}
+        state = {
+            "epoch": epoch,
+            "step_in_epoch": step_in_epoch,
+            "algo": self.cfg.algo.name,
+            "prompts": self.prompt_sampler.state_dict(epoch + 1),
+        }
         if self.tracker is not None:
             state["ddpo_tracker"] = tracker_state or self.tracker.state_dict()
         return state
@@ -252,11 +313,15 @@ class Trainer:
             self.bad_in_a_row = 0
             return
         self.bad_in_a_row += 1
-        self.warn(f"epoch {epoch} step {k}: skipped, non-finite {stats['skipped']} "
-                  f"(this rank's prompts: {traj.prompts}); {self.bad_in_a_row} bad step(s) in a row")
+        self.warn(
+            f"epoch {epoch} step {k}: skipped, non-finite {stats['skipped']} "
+            f"(this rank's prompts: {traj.prompts}); {self.bad_in_a_row} bad step(s) in a row"
+        )
         if self.bad_in_a_row >= self.cfg.train.max_bad_steps:
-            self.say(f"stopping: {self.bad_in_a_row} bad steps in a row (train.max_bad_steps); "
-                     "the last complete checkpoint is intact")
+            self.say(
+                f"stopping: {self.bad_in_a_row} bad steps in a row (train.max_bad_steps); "
+                "the last complete checkpoint is intact"
+            )
             raise SystemExit(3)
 
     def run(self, resume=None):
@@ -268,8 +333,10 @@ class Trainer:
         if ckpt is not None:
             state, rollout = load_checkpoint(self.engine, ckpt, self.rank, self.schedule, self.device)
             if state.get("algo", "prdp") != cfg.algo.name:
-                raise ValueError(f"--resume {ckpt}: made with algo.name={state.get('algo', 'prdp')!r}, "
-                                 f"this run has algo.name={cfg.algo.name!r}")
+                raise ValueError(
+                    f"--resume {ckpt}: made with algo.name={state.get('algo', 'prdp')!r}, "
+                    f"this run has algo.name={cfg.algo.name!r}"
+                )
             if "prompts" in state:
                 self.prompt_sampler.check_state(state["prompts"])
             if self.tracker is not None:
@@ -303,8 +370,14 @@ class Trainer:
             self.log.log_prompts(epoch, _gather_prompts(traj.prompts), resumed_from)
             bar.set_postfix(reward=f"{record['reward_mean']:.4g}", loss=f"{record['loss']:.4g}")
             self.say(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-            if last or (cfg.output.save_every and (epoch + 1) % cfg.output.save_every == 0) or preempt.agreed(self.device):
-                save_checkpoint(self.engine, cfg, self.output_dir, self.state(epoch, cfg.train.steps_per_epoch), self.rank)
+            if (
+                last
+                or (cfg.output.save_every and (epoch + 1) % cfg.output.save_every == 0)
+                or preempt.agreed(self.device)
+            ):
+                save_checkpoint(
+                    self.engine, cfg, self.output_dir, self.state(epoch, cfg.train.steps_per_epoch), self.rank
+                )
                 self.log.plot_rewards()
                 if preempt.requested:
                     self.say(f"SIGTERM: checkpointed epoch {epoch}, exiting")
@@ -315,13 +388,16 @@ class Trainer:
 def main(argv=None):
     args = parse_args(argv)
     try:
-        cfg = config_lib.resolve(args.preset if args.preset or args.train_config else "demo",
-                                 args.train_config, args.set)
+        cfg = config_lib.resolve(
+            args.preset if args.preset or args.train_config else "demo", args.train_config, args.set
+        )
         ds_json = load_ds_json(args.config or DEFAULT_DS_CONFIG)
     except ValueError as err:
         sys.exit(f"prdp_ds.train: {err}")
-    run_on_ranks("prdp_ds.train", lambda rank, world, device:
-                 Trainer(cfg, ds_json, args.output_dir, rank, world, device).run(args.resume))
+    run_on_ranks(
+        "prdp_ds.train",
+        lambda rank, world, device: Trainer(cfg, ds_json, args.output_dir, rank, world, device).run(args.resume),
+    )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ Across ranks the loss is the mean over all valid groups of the world: each rank 
 mean by (local valid groups x world size / global valid groups) so DeepSpeed's gradient average
 gives exactly the global mean.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,8 +36,11 @@ def chunks(cfg, n_images):
     """(image slice, step slice) pairs in pass order; their count is the DeepSpeed accumulation."""
     t = cfg.train
     T = cfg.sampler.num_steps
-    return [(slice(i, min(i + t.images_per_chunk, n_images)), slice(k, min(k + t.steps_per_chunk, T)))
-            for i in range(0, n_images, t.images_per_chunk) for k in range(0, T, t.steps_per_chunk)]
+    return [
+        (slice(i, min(i + t.images_per_chunk, n_images)), slice(k, min(k + t.steps_per_chunk, T)))
+        for i in range(0, n_images, t.images_per_chunk)
+        for k in range(0, T, t.steps_per_chunk)
+    ]
 
 
 def chunk_log_ratios(unet, traj, cond, uncond, images, steps, cfg, impl, against="eps_ref"):
@@ -48,14 +52,15 @@ def chunk_log_ratios(unet, traj, cond, uncond, images, steps, cfg, impl, against
     ni, nk = images.stop - images.start, steps.stop - steps.start
     rows = lambda t: t.flatten(0, 1)  # noqa: E731  (ni, nk, ...) -> (ni * nk, ...)
     x_t = rows(traj.flat("latents")[images, steps])
-    x_prev = rows(traj.flat("latents")[images, steps.start + 1:steps.stop + 1])
+    x_prev = rows(traj.flat("latents")[images, steps.start + 1 : steps.stop + 1])
     eps_ref = rows(traj.flat(against)[images, steps])
     t = sched.timesteps[steps].repeat(ni)
     a, b, sigma = (c[steps].repeat(ni) for c in (sched.a, sched.b, sched.sigma))
     c = cond[images].repeat_interleave(nk, dim=0)
     eps_u, eps_c = cfg_predict(unet, x_t, t, c, uncond.expand(c.shape[0], -1, -1))
-    r = cfg_step_log_ratio(eps_u, eps_c, cfg.sampler.guidance_scale, eps_ref, x_t, x_prev, a, b, sigma,
-                           cfg.loss.reduction, impl)
+    r = cfg_step_log_ratio(
+        eps_u, eps_c, cfg.sampler.guidance_scale, eps_ref, x_t, x_prev, a, b, sigma, cfg.loss.reduction, impl
+    )
     return r.reshape(ni, nk)
 
 
@@ -85,8 +90,16 @@ def valid_group_scale(rewards):
     return (local * world / total.clamp(min=1)).item(), int(total.item())
 
 
-def prdp_step(engine: DeepSpeedEngine, traj: Trajectories, rewards: torch.Tensor, cond: torch.Tensor,
-              uncond: torch.Tensor, cfg: Config, impl: str, first_step: bool) -> dict[str, float | str]:
+def prdp_step(
+    engine: DeepSpeedEngine,
+    traj: Trajectories,
+    rewards: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    cfg: Config,
+    impl: str,
+    first_step: bool,
+) -> dict[str, float | str]:
     """Pass 1 (unless first_step), loss, pass 2 and one DeepSpeed optimizer step.
 
     traj: this rank's (G, B, T) rollout; cond: (G * B, L, dim) prompt embeddings in image order;

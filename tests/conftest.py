@@ -18,6 +18,7 @@ def world():
     trainer and evaluate entry points called in-process leave a group they did not create in place,
     and DeepSpeed caches its groups, so a group torn down and made again would be stale to it."""
     from prdp_ds.engine import init_distributed
+
     return init_distributed()
 
 
@@ -25,10 +26,12 @@ def world():
 def poison(monkeypatch):
     """Every kernel launcher output starts as NaN, so an element a kernel fails to write cannot pass."""
     import kernels.utils as ku
+
     real = ku.empty_out
 
     def nan_empty(shape, dtype, device):
         return real(shape, dtype, device).fill_(float("nan"))
+
     monkeypatch.setattr(ku, "empty_out", nan_empty)
 
 
@@ -39,6 +42,7 @@ def rollout():
 
     from prdp_ds.models import build_tiny
     from prdp_ds.sampler import image_seeds, sample
+
     models = build_tiny(0)
     gen = torch.Generator().manual_seed(2)  # seeded: no r lands at a clip edge, where the loss has a kink
     with torch.no_grad():  # a policy that already moved away from the reference
@@ -56,13 +60,19 @@ def tiny_demo_run(tmp_path_factory):
     import subprocess
     import sys
     from pathlib import Path
+
     out = tmp_path_factory.mktemp("tiny_demo")
     repo = Path(__file__).resolve().parent.parent
     with socket.socket() as s:  # not the port of a process group this pytest process may hold
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
-    proc = subprocess.run([sys.executable, "-m", "prdp_ds.train", "--preset", "tiny_demo", "--output-dir", str(out)], cwd=repo,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1", "MASTER_PORT": port},
-                          capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(
+        [sys.executable, "-m", "prdp_ds.train", "--preset", "tiny_demo", "--output-dir", str(out)],
+        cwd=repo,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "MASTER_PORT": port},
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out

@@ -1,6 +1,7 @@
 """Helpers shared by several test files (a test file never imports another): the tiny two-pass setup
 (test_twopass, test_ddpo, test_lora) and end-to-end trainer runs (test_train, test_offline). The
 `rollout` fixture lives in conftest.py."""
+
 import copy
 import json
 import os
@@ -57,7 +58,7 @@ def full_graph_log_ratios(unet, models, traj, against="eps_ref"):
     for k in range(T):
         x = lat[:, k]
         out = unet(torch.cat([x, x]), s.timesteps[k].expand(2 * G * B), torch.cat([uncond, cond])).sample
-        eps = guided_eps(out[:G * B], out[G * B:], W)
+        eps = guided_eps(out[: G * B], out[G * B :], W)
         ratios.append(step_log_ratio(eps, traj.flat(against)[:, k], x, lat[:, k + 1], s.a[k], s.b[k], s.sigma[k]))
     return torch.stack(ratios, dim=1)
 
@@ -76,9 +77,22 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-SMALL = ["--set", "sampler.num_steps=3", "--set", "train.prompts_per_epoch=4", "--set", "train.images_per_prompt=4",
-         "--set", "train.steps_per_epoch=2", "--set", "output.sample_every=0", "--set", "train.images_per_chunk=8",
-         "--set", "train.steps_per_chunk=2"]
+SMALL = [
+    "--set",
+    "sampler.num_steps=3",
+    "--set",
+    "train.prompts_per_epoch=4",
+    "--set",
+    "train.images_per_prompt=4",
+    "--set",
+    "train.steps_per_epoch=2",
+    "--set",
+    "output.sample_every=0",
+    "--set",
+    "train.images_per_chunk=8",
+    "--set",
+    "train.steps_per_chunk=2",
+]
 TIMING = ("sample_s", "train_s", "images_per_s", "peak_mem_mb")
 
 
@@ -99,12 +113,21 @@ def run(args, ranks=1, check=True, threads=None):
         cmd = [sys.executable, "-m", "prdp_ds.train", *args]
     else:  # one torch thread per rank: two ranks x two threads on 2 cores run several times slower
         env.setdefault("OMP_NUM_THREADS", "1")
-        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks),
-               "--master_port", env["MASTER_PORT"], "--module", "prdp_ds.train", *args]
+        cmd = [
+            str(Path(sys.executable).parent / "deepspeed"),
+            "--num_gpus",
+            str(ranks),
+            "--master_port",
+            env["MASTER_PORT"],
+            "--module",
+            "prdp_ds.train",
+            *args,
+        ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
-                             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     return proc
 
 

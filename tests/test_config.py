@@ -1,4 +1,5 @@
 """Presets, --set overrides and their errors (prdp_ds/config.py)."""
+
 import pytest
 
 from prdp_ds import config as config_lib
@@ -22,8 +23,14 @@ def test_the_world_presets_use_the_world():
     assert resolve("tiny_demo").model.pretrained == "tiny"
 
 
-@pytest.mark.parametrize("text, key, value", [
-    ("train.lr=2e-5", "lr", 2e-5), ("train.epochs=3", "epochs", 3), ("ddpo.per_prompt_norm=false", "per_prompt_norm", False)])
+@pytest.mark.parametrize(
+    "text, key, value",
+    [
+        ("train.lr=2e-5", "lr", 2e-5),
+        ("train.epochs=3", "epochs", 3),
+        ("ddpo.per_prompt_norm=false", "per_prompt_norm", False),
+    ],
+)
 def test_overrides_are_parsed_as_yaml_and_type_checked(text, key, value):
     cfg = resolve("tiny_demo", overrides=[text])
     section = getattr(cfg, text.split(".")[0])
@@ -35,14 +42,18 @@ def test_a_reward_override_replaces_the_whole_mapping():
     assert cfg.reward == {"world_aesthetic": 1.0, "world_judge": 0.0}
 
 
-@pytest.mark.parametrize("text, match", [
-    ("train.lrr=1", "unknown config key 'train.lrr'"),
-    ("train.epochs=1.5", "train.epochs: expected int"),
-    ("algo.name=ppo", "algo.name: expected one of"),
-    ("sampler.spacing=cosine", "sampler.spacing: expected one of"),
-    ("prompts.template={}", "prompts.template: expected str"),  # unquoted braces are a YAML mapping
-    ("train=3", "train: expected a mapping"),
-    ("nokey", "--set expects key=value")])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("train.lrr=1", "unknown config key 'train.lrr'"),
+        ("train.epochs=1.5", "train.epochs: expected int"),
+        ("algo.name=ppo", "algo.name: expected one of"),
+        ("sampler.spacing=cosine", "sampler.spacing: expected one of"),
+        ("prompts.template={}", "prompts.template: expected str"),  # unquoted braces are a YAML mapping
+        ("train=3", "train: expected a mapping"),
+        ("nokey", "--set expects key=value"),
+    ],
+)
 def test_bad_overrides_name_the_key_and_what_was_expected(text, match):
     with pytest.raises(ConfigError, match=match):
         resolve("tiny_demo", overrides=[text])

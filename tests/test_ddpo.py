@@ -1,4 +1,5 @@
 """DDPO baseline: DDPO's per-prompt statistics, and per-chunk backward == one full graph."""
+
 import copy
 
 import numpy as np
@@ -14,6 +15,7 @@ class DDPOTracker:
 
     def __init__(self, buffer_size, min_count):
         from collections import deque
+
         self.buffer_size, self.min_count, self.stats, self._deque = buffer_size, min_count, {}, deque
 
     def update(self, prompts, rewards):
@@ -90,12 +92,13 @@ def test_per_chunk_backward_equals_full_graph_over_two_steps(world, rollout, ste
     engine, opt = _engine(models, cfg, lr)
     ref = copy.deepcopy(models.unet)
     for k in range(2):
-        stats = ddpo_step(engine, traj, adv, models.encode_prompts(traj.flat_prompts),
-                          models.encode_prompts([""]), cfg, "torch")
+        stats = ddpo_step(
+            engine, traj, adv, models.encode_prompts(traj.flat_prompts), models.encode_prompts([""]), cfg, "torch"
+        )
         assert "skipped" not in stats
         want = full_graph_ddpo_grad(ref, models, traj, adv, cfg)
         assert len(opt.seen) == k + 1
-        assert _rel(opt.seen[k][:want.numel()], want) < 1e-4, f"step {k}: per-chunk gradient differs from full graph"
+        assert _rel(opt.seen[k][: want.numel()], want) < 1e-4, f"step {k}: per-chunk gradient differs from full graph"
         with torch.no_grad():
             for p in ref.parameters():
                 p.add_(p.grad, alpha=-lr)
@@ -109,6 +112,7 @@ def test_ddpo_skips_on_nan_advantages(world, rollout):
     engine, opt = _engine(models, cfg, 1e-4)
     adv = torch.zeros(G, B)
     adv[0, 1] = float("nan")
-    stats = ddpo_step(engine, traj, adv, models.encode_prompts(traj.flat_prompts), models.encode_prompts([""]),
-                      cfg, "torch")
+    stats = ddpo_step(
+        engine, traj, adv, models.encode_prompts(traj.flat_prompts), models.encode_prompts([""]), cfg, "torch"
+    )
     assert stats["skipped"] == "reward" and opt.seen == []

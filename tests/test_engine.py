@@ -33,11 +33,14 @@ def test_uneven_split_is_refused():
         batch_arithmetic(_cfg(), 3)
 
 
-@pytest.mark.parametrize("json_value,match", [
-    ({"gradient_accumulation_steps": 1}, "'gradient_accumulation_steps' is owned"),
-    ({"optimizer": {"type": "AdamW"}}, "'optimizer' is owned by the training config"),
-    ({"data_types": {"grad_accum_dtype": "bf16"}}, "grad_accum_dtype must be 'fp32'"),
-])
+@pytest.mark.parametrize(
+    "json_value,match",
+    [
+        ({"gradient_accumulation_steps": 1}, "'gradient_accumulation_steps' is owned"),
+        ({"optimizer": {"type": "AdamW"}}, "'optimizer' is owned by the training config"),
+        ({"data_types": {"grad_accum_dtype": "bf16"}}, "grad_accum_dtype must be 'fp32'"),
+    ],
+)
 def test_conflicting_json_is_an_error(json_value, match):
     with pytest.raises(ValueError, match=match):
         build_ds_config(json_value, _cfg(), 1)
@@ -45,13 +48,21 @@ def test_conflicting_json_is_an_error(json_value, match):
 
 def test_agreeing_json_values_and_offload():
     cfg = _cfg()
-    ds = build_ds_config({"gradient_clipping": cfg.train.grad_clip, "bf16": {"enabled": False},
-                          "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, cfg, 1)
+    ds = build_ds_config(
+        {
+            "gradient_clipping": cfg.train.grad_clip,
+            "bf16": {"enabled": False},
+            "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+        },
+        cfg,
+        1,
+    )
     assert ds["bf16"]["enabled"] is False and ds["zero_force_ds_cpu_optimizer"] is False
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "ds_configs").glob("*.json")),
-                         ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).resolve().parents[1] / "ds_configs").glob("*.json")), ids=lambda p: p.stem
+)
 def test_shipped_ds_configs_are_accepted(path):
     ds = build_ds_config(load_ds_json(path), _cfg(), 1, str(path))
     assert ds["zero_optimization"]["stage"] in (2, 3)

@@ -1,5 +1,6 @@
 """`prdp_ds.evaluate`: equal-terms comparison of a base model and finetuned UNets (docs/design.md §13), on tiny
 models."""
+
 import json
 import math
 import os
@@ -10,9 +11,26 @@ import torch
 from prdp_ds import evaluate
 from prdp_ds.models import build_tiny
 
-FAST = ["--prompts", "animals", "--max-prompts", "6", "--samples", "4", "--num-steps", "3", "--batch-size", "8",
-        "--prompts-per-unit", "4", "--grid-prompts", "2", "--grid-samples", "3",
-        "--reward", "{brightness: 1.0, jpeg_compressibility: 0.01}"]
+FAST = [
+    "--prompts",
+    "animals",
+    "--max-prompts",
+    "6",
+    "--samples",
+    "4",
+    "--num-steps",
+    "3",
+    "--batch-size",
+    "8",
+    "--prompts-per-unit",
+    "4",
+    "--grid-prompts",
+    "2",
+    "--grid-samples",
+    "3",
+    "--reward",
+    "{brightness: 1.0, jpeg_compressibility: 0.01}",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -46,8 +64,15 @@ def run_eval(out, *args):
 
 
 def test_identical_weights_give_identical_numbers_and_a_perturbed_unet_differs(tmp_path, unets):
-    res = run_eval(tmp_path, "--model", f"folder={unets / 'folder'}", "--model", f"run={unets / 'run'}",
-                   "--model", f"perturbed={unets / 'perturbed'}")
+    res = run_eval(
+        tmp_path,
+        "--model",
+        f"folder={unets / 'folder'}",
+        "--model",
+        f"run={unets / 'run'}",
+        "--model",
+        f"perturbed={unets / 'perturbed'}",
+    )
     assert res["settings"]["models"]["run"]["path"] == str(unets / "run" / "checkpoints" / "epoch_0003" / "unet")
     r = res["results"]
     assert list(r) == ["base", "folder", "run", "perturbed"]
@@ -79,11 +104,13 @@ def test_rerun_resumes_identically_and_other_settings_are_refused(tmp_path, unet
     both = run_eval(tmp_path, *model, "--model", f"same={unets / 'folder'}")
     both_text = (tmp_path / "eval.json").read_text()
     assert len(calls) == 2 and both["results"]["ft"] == first["results"]["ft"]
-    for changed, named in (([*model, "--num-steps", "4"], "num_steps: recorded 3, now 4"),
-                           ([*model, "--reward", "{brightness: 1.0}"], "reward"),
-                           (["--model", f"ft={unets / 'folder'}"], "models.ft"),
-                           ([*model, "--max-prompts", "5"], "max_prompts"),
-                           ([*model, "--precision", "bf16"], "precision: recorded 'float32', now 'bfloat16'")):
+    for changed, named in (
+        ([*model, "--num-steps", "4"], "num_steps: recorded 3, now 4"),
+        ([*model, "--reward", "{brightness: 1.0}"], "reward"),
+        (["--model", f"ft={unets / 'folder'}"], "models.ft"),
+        ([*model, "--max-prompts", "5"], "max_prompts"),
+        ([*model, "--precision", "bf16"], "precision: recorded 'float32', now 'bfloat16'"),
+    ):
         with pytest.raises(SystemExit, match="other settings") as err:
             evaluate.main([*FAST, "--output-dir", str(tmp_path), *changed])
         assert named in str(err.value)
@@ -93,10 +120,19 @@ def test_rerun_resumes_identically_and_other_settings_are_refused(tmp_path, unet
 def test_table_has_models_as_rows_and_prompt_sets_as_columns(tmp_path, unets, capsys):
     pets = tmp_path / "pets.txt"
     pets.write_text("cat\ndog\nparrot\n")
-    evaluate.main([*FAST, "--output-dir", str(tmp_path / "out"), "--prompts", f"pets={pets}",
-                   "--model", f"ft={unets / 'perturbed'}"])
+    evaluate.main(
+        [
+            *FAST,
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--prompts",
+            f"pets={pets}",
+            "--model",
+            f"ft={unets / 'perturbed'}",
+        ]
+    )
     out = capsys.readouterr().out
-    block = out[out.index("reward: brightness"):].split("\n\n")[0].splitlines()
+    block = out[out.index("reward: brightness") :].split("\n\n")[0].splitlines()
     assert block[1].split() == ["model", "animals", "pets"]
     assert [line.split()[0] for line in block[3:]] == ["base", "ft"]
     assert all(len(line.split("±")) == 3 for line in block[3:])  # one 'mean ± se' per prompt set
@@ -120,8 +156,20 @@ def test_bad_model_paths_and_rewards_are_named(tmp_path, unets):
 def test_a_finetuned_tiny_demo_checkpoint_beats_its_base_on_the_training_reward(tmp_path, tiny_demo_run):
     run_dir = tiny_demo_run  # the tiny_demo preset as trained by `python -m prdp_ds.train`
     # sampler, prompts (templated animals) and reward come from the run's own training config
-    evaluate.main(["--train-config", str(run_dir / "config.yaml"), "--model", f"prdp={run_dir}", "--samples", "4",
-                   "--max-prompts", "24", "--output-dir", str(tmp_path / "eval")])
+    evaluate.main(
+        [
+            "--train-config",
+            str(run_dir / "config.yaml"),
+            "--model",
+            f"prdp={run_dir}",
+            "--samples",
+            "4",
+            "--max-prompts",
+            "24",
+            "--output-dir",
+            str(tmp_path / "eval"),
+        ]
+    )
     res = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert res["settings"]["num_steps"] == 10 and res["settings"]["reward"] == {"brightness": 1.0}
     base, tuned = (res["results"][m]["animals"]["brightness"] for m in ("base", "prdp"))
@@ -132,6 +180,7 @@ def test_a_finetuned_tiny_demo_checkpoint_beats_its_base_on_the_training_reward(
 
 def test_a_lora_checkpoint_loads_onto_the_base(tmp_path):
     from prdp_ds.lora import add_lora, save_adapter
+
     unet = build_tiny(0).unet
     add_lora(unet, 4)  # B starts at zero: the adapted UNet is the base UNet
     save_adapter(unet, tmp_path / "ckpt" / "unet_lora")

@@ -3,6 +3,7 @@ PyTorch reference (cfg_step_log_ratio(impl="torch") + rdp_loss(impl="torch")).
 
 Tolerance rule: the kernel's max error vs fp64 must be <= 2x the same-dtype PyTorch reference's
 error vs fp64, plus a small atol relative to the quantity's scale."""
+
 import pytest
 import torch
 
@@ -27,8 +28,7 @@ def _r64(eu, ec, er, xt, xp, a, b, s, reduction):
     return r / terms.shape[-1] if reduction == "mean" else r
 
 
-def make_inputs(G, B, T, latent, dtype=torch.float32, clip="mixed", reduction="sum", seed=0,
-                coef="tensor"):
+def make_inputs(G, B, T, latent, dtype=torch.float32, clip="mixed", reduction="sum", seed=0, coef="tensor"):
     g = torch.Generator().manual_seed(seed)
     shape = (G, B, T, *latent)
     eu = torch.randn(shape, generator=g)
@@ -42,7 +42,7 @@ def make_inputs(G, B, T, latent, dtype=torch.float32, clip="mixed", reduction="s
     s = 0.05 + 0.5 * torch.rand(T, generator=g)
     col = lambda c: c.reshape(1, 1, T, *[1] * len(latent))  # noqa: E731
     xp = col(a) * xt + col(b) * e_old + col(s) * torch.randn(shape, generator=g)
-    r_old = _r64(e_old, e_old, er, xt, xp, a, b, s, reduction).float()   # w (e - e) = 0: eps_hat = e_old
+    r_old = _r64(e_old, e_old, er, xt, xp, a, b, s, reduction).float()  # w (e - e) = 0: eps_hat = e_old
     r_now = _r64(eu, ec, er, xt, xp, a, b, s, reduction)
     spread = (r_now - r_old.double()).abs()
     clip_range = {"active": 1e-7, "inactive": 1e6, "mixed": float(spread.median())}[clip]
@@ -55,9 +55,22 @@ def make_inputs(G, B, T, latent, dtype=torch.float32, clip="mixed", reduction="s
     eu, ec, er, xt, xp, r_old, rw = (t.to(DEVICE) for t in (eu, ec, er, xt, xp, r_old, rw))
     if coef != "float":
         a, b, s = a.to(DEVICE), b.to(DEVICE), s.to(DEVICE)
-    return dict(eps_uncond=eu, eps_cond=ec, eps_ref=er, x_t=xt, x_prev=xp, log_ratios_old=r_old,
-                rewards=rw, a=a, b=b, sigma=s, guidance_scale=W, clip_range=clip_range,
-                kl_weight=beta, reduction=reduction)
+    return dict(
+        eps_uncond=eu,
+        eps_cond=ec,
+        eps_ref=er,
+        x_t=xt,
+        x_prev=xp,
+        log_ratios_old=r_old,
+        rewards=rw,
+        a=a,
+        b=b,
+        sigma=s,
+        guidance_scale=W,
+        clip_range=clip_range,
+        kl_weight=beta,
+        reduction=reduction,
+    )
 
 
 def torch_reference(kw, eu, ec, dtype=None):
@@ -69,8 +82,18 @@ def torch_reference(kw, eu, ec, dtype=None):
     rows = G * B * T
     per_row = lambda c: torch.as_tensor(c, device=eu.device).reshape(-1).expand(T).repeat(G * B)  # noqa: E731
     flat = lambda t: t.reshape(rows, -1)  # noqa: E731
-    r = cfg_step_log_ratio(flat(eu), flat(ec), W, flat(kw["eps_ref"]), flat(kw["x_t"]), flat(kw["x_prev"]),
-                           per_row(kw["a"]), per_row(kw["b"]), per_row(kw["sigma"]), kw["reduction"])
+    r = cfg_step_log_ratio(
+        flat(eu),
+        flat(ec),
+        W,
+        flat(kw["eps_ref"]),
+        flat(kw["x_t"]),
+        flat(kw["x_prev"]),
+        per_row(kw["a"]),
+        per_row(kw["b"]),
+        per_row(kw["sigma"]),
+        kw["reduction"],
+    )
     return rdp_loss(r.reshape(G, B, T), kw["log_ratios_old"], kw["rewards"], kw["clip_range"], kw["kl_weight"])
 
 
@@ -100,9 +123,8 @@ def check_against_refs(kw, upstream=1.7):
     return L_k, grads["k"]
 
 
-
 CASES = [  # G, B, T, latent
-    (1, 1, 1, (4, 7, 9)),      # no pair at all: loss 0
+    (1, 1, 1, (4, 7, 9)),  # no pair at all: loss 0
     (2, 2, 3, (4, 7, 9)),
     (1, 17, 50, (3,)),
     (2, 17, 1, (5,)),
@@ -130,8 +152,8 @@ def test_low_precision_eps(poison, dtype, G, B, T, latent):
 
 def test_scalar_coefficients_and_tied_rewards(poison):
     kw = make_inputs(3, 6, 4, (5,), coef="float", seed=51)
-    kw["rewards"] = (kw["rewards"] * 2).round()                # ties
-    kw["rewards"][1] = 0.5                                   # one group all tied
+    kw["rewards"] = (kw["rewards"] * 2).round()  # ties
+    kw["rewards"][1] = 0.5  # one group all tied
     check_against_refs(kw)
 
 
@@ -152,8 +174,17 @@ def test_equals_composition_of_the_two_kernels(poison):
     L1 = fused_prdp_loss_triton(**dict(kw, eps_uncond=eu1, eps_cond=ec1))
     flat = lambda t: t.reshape(G * B * T, -1)  # noqa: E731
     rep = lambda c: c.repeat(G * B)  # noqa: E731
-    r = step_log_ratio_triton(flat(eu2), flat(ec2), flat(kw["eps_ref"]), flat(kw["x_t"]), flat(kw["x_prev"]),
-                              rep(kw["a"]), rep(kw["b"]), rep(kw["sigma"]), W)
+    r = step_log_ratio_triton(
+        flat(eu2),
+        flat(ec2),
+        flat(kw["eps_ref"]),
+        flat(kw["x_t"]),
+        flat(kw["x_prev"]),
+        rep(kw["a"]),
+        rep(kw["b"]),
+        rep(kw["sigma"]),
+        W,
+    )
     L2 = rdp_loss_triton(r.reshape(G, B, T), kw["log_ratios_old"], kw["rewards"], kw["clip_range"], kw["kl_weight"])
     torch.testing.assert_close(L1, L2, rtol=1e-6, atol=0)
     (0.3 * L1).backward()
@@ -174,6 +205,7 @@ def test_memory_bounded(monkeypatch):
         out = real(shape, dtype, device)
         sizes.append(out.numel())
         return out
+
     monkeypatch.setattr(ku, "empty_out", recording)
     eu, ec = kw["eps_uncond"].clone().requires_grad_(), kw["eps_cond"].clone().requires_grad_()
     inputs = [eu, ec, kw["eps_ref"], kw["x_t"], kw["x_prev"]]

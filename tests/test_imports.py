@@ -9,6 +9,7 @@ Python initializes on the way to a module are not edges (a package's __init__ ma
 submodules). Only modules inside the scanned packages count. `importlib.import_module("name")` is
 no edge: that is how the registries resolve their built-in names on demand.
 """
+
 import ast
 import importlib
 import subprocess
@@ -35,8 +36,12 @@ def module_files(root, packages):
 
 def _is_type_checking(node):
     test = getattr(node, "test", None)
-    return isinstance(node, ast.If) and (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING"
-                                         or isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+    return isinstance(node, ast.If) and (
+        isinstance(test, ast.Name)
+        and test.id == "TYPE_CHECKING"
+        or isinstance(test, ast.Attribute)
+        and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _import_nodes(tree):
@@ -56,7 +61,7 @@ def _targets(node, package, files):
     base = node.module or ""
     if node.level:
         parts = package.split(".")
-        anchor = ".".join(parts[:len(parts) - node.level + 1])
+        anchor = ".".join(parts[: len(parts) - node.level + 1])
         base = f"{anchor}.{base}" if base else anchor
     return [f"{base}.{alias.name}" if f"{base}.{alias.name}" in files else base for alias in node.names]
 
@@ -95,6 +100,7 @@ def _strongly_connected(graph):
                 component.add(stack.pop())
             on_stack.difference_update(component)
             components.append(component)
+
     for v in sorted(graph):
         if v not in index:
             visit(v)
@@ -139,8 +145,13 @@ def test_no_import_cycles():
 
 def test_kernels_imports_only_torch_triton_and_itself():
     graph = import_graph(REPO)
-    to_prdp = [f"{graph[m][t]}  {m} imports {t}" for m in graph if m.startswith("kernels")
-               for t in graph[m] if not t.startswith("kernels")]
+    to_prdp = [
+        f"{graph[m][t]}  {m} imports {t}"
+        for m in graph
+        if m.startswith("kernels")
+        for t in graph[m]
+        if not t.startswith("kernels")
+    ]
     assert not to_prdp, "kernels/ must not import prdp_ds:\n" + "\n".join(to_prdp)
     roots = set()
     for path in module_files(REPO, ("kernels",)).values():
@@ -153,14 +164,26 @@ def test_kernels_imports_only_torch_triton_and_itself():
 SYNTHETIC = {
     "two_cycle": ({"a.py": "import pkg.b\n", "b.py": "from pkg.a import x\n"}, [{"pkg.a", "pkg.b"}]),
     "three_cycle_function_local": (
-        {"a.py": "from pkg.b import f\n", "b.py": "from .c import g\n",
-         "c.py": "def g():\n    from pkg.a import f\n    return f\n"},
-        [{"pkg.a", "pkg.b", "pkg.c"}]),
-    "from_package_import_submodule": ({"a.py": "from pkg import b\n", "b.py": "from pkg import a\n"},
-                                      [{"pkg.a", "pkg.b"}]),
-    "acyclic": ({"__init__.py": "from pkg.a import x\n", "a.py": "import pkg.b\nx = 1\n",
-                 "b.py": "import os\nfrom typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg.a import x\n",
-                 "c.py": "import importlib\nimportlib.import_module('pkg.c')\nfrom pkg import a\n"}, []),
+        {
+            "a.py": "from pkg.b import f\n",
+            "b.py": "from .c import g\n",
+            "c.py": "def g():\n    from pkg.a import f\n    return f\n",
+        },
+        [{"pkg.a", "pkg.b", "pkg.c"}],
+    ),
+    "from_package_import_submodule": (
+        {"a.py": "from pkg import b\n", "b.py": "from pkg import a\n"},
+        [{"pkg.a", "pkg.b"}],
+    ),
+    "acyclic": (
+        {
+            "__init__.py": "from pkg.a import x\n",
+            "a.py": "import pkg.b\nx = 1\n",
+            "b.py": "import os\nfrom typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg.a import x\n",
+            "c.py": "import importlib\nimportlib.import_module('pkg.c')\nfrom pkg import a\n",
+        },
+        [],
+    ),
 }
 
 
@@ -181,6 +204,7 @@ def test_cycle_finder_on_synthetic_packages(tmp_path, case):
 def test_every_builtin_name_resolves():
     """The registries' "module:attribute" tables name existing callables (imported only on use)."""
     from prdp_ds import models, prompts, rewards
+
     for table in (models.MODEL_FAMILIES, prompts.BUILTIN_PROMPT_SETS, rewards.BUILTIN_REWARDS):
         for name, path in table.items():
             module, _, attr = path.partition(":")
@@ -189,14 +213,16 @@ def test_every_builtin_name_resolves():
 
 def test_trainer_and_evaluator_do_not_import_the_world():
     """A non-world config runs without prdp_ds.world; its names still resolve on demand."""
-    code = ("import sys, prdp_ds.train, prdp_ds.evaluate\n"
-            "from prdp_ds.prompts import load_prompts, prompt_set_names\n"
-            "from prdp_ds.rewards import available_rewards\n"
-            "print('prdp_ds.world' in sys.modules)\n"
-            "assert {'world_small', 'world_unseen'} <= set(prompt_set_names())\n"
-            "assert {'world_alignment', 'world_judge', 'hpsv2'} <= set(available_rewards())\n"
-            "load_prompts('world_small')\n"
-            "print('prdp_ds.world.scenes' in sys.modules)\n")
+    code = (
+        "import sys, prdp_ds.train, prdp_ds.evaluate\n"
+        "from prdp_ds.prompts import load_prompts, prompt_set_names\n"
+        "from prdp_ds.rewards import available_rewards\n"
+        "print('prdp_ds.world' in sys.modules)\n"
+        "assert {'world_small', 'world_unseen'} <= set(prompt_set_names())\n"
+        "assert {'world_alignment', 'world_judge', 'hpsv2'} <= set(available_rewards())\n"
+        "load_prompts('world_small')\n"
+        "print('prdp_ds.world.scenes' in sys.modules)\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["False", "True"]

@@ -1,4 +1,5 @@
 """`kernels` must be this repository's package, not the unrelated PyPI distribution of that name."""
+
 import os
 from pathlib import Path
 
@@ -24,6 +25,8 @@ def test_public_api():
 
 def test_interpreter_on_without_gpu():
     import torch
+
     if not torch.cuda.is_available():
         from kernels import step_logratio
+
         assert os.environ.get("TRITON_INTERPRET") == "1" and step_logratio.INTERPRET

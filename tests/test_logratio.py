@@ -44,8 +44,9 @@ def test_fp32_matches_fp64_where_subtracting_log_probs_fails(step, reduction):
     got = step_log_ratio(eps, eps_ref, x_t, x_prev, a, b, s, reduction).double()
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-7 if reduction == "sum" else 1e-7 / 16384)
     if reduction == "sum":
-        naive = (gaussian_log_prob(x_prev, a * x_t + b * eps, s)
-                 - gaussian_log_prob(x_prev, a * x_t + b * eps_ref, s)).double()
+        naive = (
+            gaussian_log_prob(x_prev, a * x_t + b * eps, s) - gaussian_log_prob(x_prev, a * x_t + b * eps_ref, s)
+        ).double()
         assert (naive - ref).abs().max() > 1e-4, "the naive fp32 method should lose > 1e-4 here"
 
 
@@ -55,8 +56,20 @@ def test_per_row_coefficients_and_mean_reduction():
     eps, eps_ref, x_t, x_prev = (torch.randn(rows, *shape, generator=gen) for _ in range(4))
     a, b, s = (torch.rand(rows, generator=gen) + 0.5 for _ in range(3))
     got = step_log_ratio(eps, eps_ref, x_t, x_prev, a, b, s)
-    want = torch.stack([_fp64(eps[i:i + 1], eps_ref[i:i + 1], x_t[i:i + 1], x_prev[i:i + 1],
-                              float(a[i]), float(b[i]), float(s[i]))[0] for i in range(rows)])
+    want = torch.stack(
+        [
+            _fp64(
+                eps[i : i + 1],
+                eps_ref[i : i + 1],
+                x_t[i : i + 1],
+                x_prev[i : i + 1],
+                float(a[i]),
+                float(b[i]),
+                float(s[i]),
+            )[0]
+            for i in range(rows)
+        ]
+    )
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
     mean = step_log_ratio(eps, eps_ref, x_t, x_prev, a, b, s, reduction="mean")
     torch.testing.assert_close(mean, got / 75)

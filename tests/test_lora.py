@@ -1,6 +1,7 @@
 """LoRA (prdp_ds/lora.py): the reference is the policy UNet with its adapters disabled, the two-pass
 gradient of the adapters equals full-graph autograd through a DeepSpeed engine, and what we save
 loads where diffusers users load LoRA weights."""
+
 import copy
 
 import pytest
@@ -11,8 +12,16 @@ from helpers import B, G, RecordingSGD, T, W, _cfg
 from prdp_ds.checkpoint import save_checkpoint, save_unet
 from prdp_ds.engine import build_ds_config, make_engine
 from prdp_ds.logratio import guided_eps, step_log_ratio
-from prdp_ds.lora import (LORA_WEIGHT_NAME, AdaptersDisabled, add_lora, has_lora, load_adapter, lora_parameters,
-                          merged_unet, save_adapter)
+from prdp_ds.lora import (
+    LORA_WEIGHT_NAME,
+    AdaptersDisabled,
+    add_lora,
+    has_lora,
+    load_adapter,
+    lora_parameters,
+    merged_unet,
+    save_adapter,
+)
 from prdp_ds.loss import rdp_loss
 from prdp_ds.models import TINY, build_tiny
 from prdp_ds.sampler import image_seeds, sample
@@ -45,8 +54,11 @@ def perturb(unet, seed=1, scale=0.05):
 
 def unet_inputs(n=3):
     gen = torch.Generator().manual_seed(7)
-    return (torch.randn(n, 4, 8, 8, generator=gen), torch.tensor([999, 500, 21][:n]),
-            torch.randn(n, TINY["context_length"], TINY["text_dim"], generator=gen))
+    return (
+        torch.randn(n, 4, 8, 8, generator=gen),
+        torch.tensor([999, 500, 21][:n]),
+        torch.randn(n, TINY["context_length"], TINY["text_dim"], generator=gen),
+    )
 
 
 def _engine(unet, cfg, stage=2, lr=1e-4, max_change=None):
@@ -111,13 +123,13 @@ def full_graph_grad(unet, models, traj, rewards, cfg, dtype=torch.float32):
     for k in range(T):
         x = lat[:, k]
         out = unet(torch.cat([x, x]), s.timesteps[k].expand(2 * G * B), torch.cat([uncond, cond])).sample
-        eps = guided_eps(out[:G * B], out[G * B:], W)
+        eps = guided_eps(out[: G * B], out[G * B :], W)
         a, b, sigma = (c[k].to(dtype) for c in (s.a, s.b, s.sigma))
         if dtype == torch.float32:  # the production formula (fp32)
             ratios.append(step_log_ratio(eps, eps_ref[:, k], x, lat[:, k + 1], a, b, sigma))
         else:  # docs/design.md §4 in float64
             resid = 2 * lat[:, k + 1] - 2 * a * x - b * (eps + eps_ref[:, k])
-            ratios.append((b * (eps - eps_ref[:, k]) * resid).flatten(1).sum(1) / (2 * sigma ** 2))
+            ratios.append((b * (eps - eps_ref[:, k]) * resid).flatten(1).sum(1) / (2 * sigma**2))
     r = torch.stack(ratios, dim=1).reshape(G, B, T)
     loss = rdp_loss(r, traj.log_ratio_old.to(dtype), rewards.to(dtype), cfg.loss.clip_range, cfg.loss.kl_weight)
     return torch.cat([g.flatten() for g in torch.autograd.grad(loss, lora_parameters(unet))])
@@ -139,20 +151,24 @@ def test_two_pass_adapter_gradient_equals_full_graph(world, rank, alpha, steps_p
     engine, opt = _engine(models.unet, cfg, lr=lr)
     models.unet = engine  # what the trainer does; the reference view keeps the module
     assert sum(p.numel() for p in engine.module.parameters() if p.requires_grad) == sum(
-        p.numel() for p in lora_parameters(full))
+        p.numel() for p in lora_parameters(full)
+    )
     traj = sample(models, PROMPTS, image_seeds(0, 0, [0, 1], B), T, W)  # policy via the engine, reference via the view
     assert traj.log_ratio_old.abs().min() > 0
     cond, uncond = models.encode_prompts(traj.flat_prompts), models.encode_prompts([""])
     for k in range(2):  # the second step runs pass 1 at theta != theta_old
         if k == 1:
-            margin = ((policy_log_ratios(full, traj, cond, uncond, cfg, "torch") - traj.log_ratio_old).abs()
-                      - clip_range).abs().min()
+            margin = (
+                ((policy_log_ratios(full, traj, cond, uncond, cfg, "torch") - traj.log_ratio_old).abs() - clip_range)
+                .abs()
+                .min()
+            )
             assert margin > 1e-3, f"precondition: some r is within rounding ({margin:.1e}) of the clip edge"
         stats = prdp_step(engine, traj, REWARDS, cond, uncond, cfg, "torch", first_step=k == 0)
         assert "skipped" not in stats and len(opt.seen) == k + 1
         want = full_graph_grad(full, models, traj, REWARDS, cfg)
         exact = full_graph_grad(full, models, traj, REWARDS, cfg, torch.float64)
-        got = opt.seen[k][:want.numel()]
+        got = opt.seen[k][: want.numel()]
         assert want.abs().max() > 0 and _rel(got, want) < 1e-4, f"step {k}: {_rel(got, want)}"
         # against float64: the two-pass error is fp32 rounding, like the fp32 full graph's own; the atol
         # covers the chunked sums' other order (seen: 2.8e-5 vs 1.2e-5 with 2 threads)
@@ -165,21 +181,30 @@ def test_two_pass_adapter_gradient_equals_full_graph(world, rank, alpha, steps_p
     base = build_tiny(0).unet
     x, t, e = unet_inputs()
     assert torch.equal(models.ref_unet(x, t, e).sample, base(x, t, e).sample), "base weights must stay frozen"
-    assert [n for n, p in engine.module.named_parameters() if p.requires_grad] == \
-        [n for n, p in full.named_parameters() if p.requires_grad]
+    assert [n for n, p in engine.module.named_parameters() if p.requires_grad] == [
+        n for n, p in full.named_parameters() if p.requires_grad
+    ]
 
 
 def tiny_pipeline(unet):
     """A StableDiffusionPipeline from the tiny parts, offline: a CLIPTokenizer over the byte alphabet."""
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import CLIPTokenizer
+
     chars = sorted(ByteLevel.alphabet())
     vocab = {c: i for i, c in enumerate(["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars)])}
     tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=TINY["context_length"])
     parts = build_tiny(0)
-    return StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=parts.scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    return StableDiffusionPipeline(
+        vae=parts.vae,
+        text_encoder=parts.text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=parts.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
 @pytest.mark.parametrize("rank,alpha", LORAS)
@@ -222,8 +247,16 @@ def test_checkpoint_saves_the_adapter_and_optionally_the_merged_unet(world, tmp_
     models.unet = engine
     traj = sample(models, PROMPTS, image_seeds(0, 0, [0, 1], B), T, W)
     assert torch.count_nonzero(traj.log_ratio_old) == 0
-    stats = prdp_step(engine, traj, REWARDS, models.encode_prompts(traj.flat_prompts), models.encode_prompts([""]),
-                      cfg, "torch", first_step=True)
+    stats = prdp_step(
+        engine,
+        traj,
+        REWARDS,
+        models.encode_prompts(traj.flat_prompts),
+        models.encode_prompts([""]),
+        cfg,
+        "torch",
+        first_step=True,
+    )
     assert "skipped" not in stats and len(opt.seen) == 1
     state = {"epoch": 0, "step_in_epoch": cfg.train.steps_per_epoch}
     path = save_checkpoint(engine, cfg, tmp_path, state, rank=0)

@@ -135,8 +135,9 @@ def test_shape_errors_name_the_function():
         prdp_loss_reference(torch.zeros(2, 3, 4), torch.zeros(2, 3, 5), torch.zeros(2, 3, 4), torch.zeros(2, 3), 0, 1)
 
 
-@pytest.mark.parametrize("clip_range,kl_weight,match", [(1e-4, 0.0, "kl_weight"), (1e-4, -1e-3, "kl_weight"),
-                                                        (-1e-4, 1e-3, "clip_range")])
+@pytest.mark.parametrize(
+    "clip_range,kl_weight,match", [(1e-4, 0.0, "kl_weight"), (1e-4, -1e-3, "kl_weight"), (-1e-4, 1e-3, "clip_range")]
+)
 def test_nonsense_hyperparameters_are_refused(clip_range, kl_weight, match):
     r, r_old, rewards = _inputs(2, 3, 4, seed=11)
     with pytest.raises(ValueError, match=match):

@@ -40,7 +40,9 @@ def _save_as_sd_folder(models, root):
     (root / "tokenizer" / "vocab.json").write_text(json.dumps({specials.get(k, k): v for k, v in bpe.encoder.items()}))
     merges = sorted(bpe.bpe_ranks, key=bpe.bpe_ranks.get)
     (root / "tokenizer" / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    (root / "tokenizer" / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 16, "pad_token": "!"}))  # id 0, as open_clip pads
+    (root / "tokenizer" / "tokenizer_config.json").write_text(
+        json.dumps({"model_max_length": 16, "pad_token": "!"})
+    )  # id 0, as open_clip pads
 
 
 def test_load_pretrained_round_trip(tmp_path):
@@ -65,15 +67,17 @@ def test_reference_false_makes_no_copy(tmp_path, monkeypatch, source):
     import copy
 
     from diffusers import UNet2DConditionModel
+
     real = copy.deepcopy
 
     def no_unet_copies(obj, *args, **kwargs):
         assert not isinstance(obj, UNet2DConditionModel), "the UNet was copied"
         return real(obj, *args, **kwargs)
+
     monkeypatch.setattr(copy, "deepcopy", no_unet_copies)
     m = load_models(source, reference=False)
     assert m.ref_unet is None
-    m.to("cpu", frozen_dtype=torch.bfloat16)                   # moving skips the missing reference
+    m.to("cpu", frozen_dtype=torch.bfloat16)  # moving skips the missing reference
     assert next(m.vae.parameters()).dtype == torch.bfloat16
     assert next(m.unet.parameters()).dtype == torch.float32
 
@@ -86,5 +90,6 @@ def test_missing_weights_say_where_to_put_them(tmp_path):
 @pytest.mark.parametrize("bad", [{"clip_sample": True}, {"thresholding": True}, {"prediction_type": "v_prediction"}])
 def test_scheduler_options_the_sampler_cannot_express_are_refused(bad):
     from prdp_ds.models import SD14_SCHEDULER
+
     with pytest.raises(ModelLoadError, match="clip_sample=False"):
         make_scheduler({**SD14_SCHEDULER, **bad})

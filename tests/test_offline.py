@@ -1,4 +1,5 @@
 """Offline mode: a dataset sampled once from the reference, resumable, refused when settings change."""
+
 import json
 
 import pytest

@@ -20,18 +20,31 @@ def write_run(run_dir, records, algo=None):
 
 
 def rec(epoch, reward, **extra):
-    return {"epoch": epoch, "reward_mean": reward, "reward_std": 2.0, "num_images": 16,
-            "reward/pickscore": reward / 2, "loss": 0.1 * epoch, "kl": 0.01, "grad_norm": 1.0, **extra}
+    return {
+        "epoch": epoch,
+        "reward_mean": reward,
+        "reward_std": 2.0,
+        "num_images": 16,
+        "reward/pickscore": reward / 2,
+        "loss": 0.1 * epoch,
+        "kl": 0.01,
+        "grad_norm": 1.0,
+        **extra,
+    }
 
 
 @pytest.fixture
 def runs(tmp_path):
-    prdp = write_run(tmp_path / "prdp_run", [
-        rec(0, 1.0, clip_frac=0.1),
-        rec(1, 5.0, clip_frac=0.2),          # superseded by the resumed epoch 1 below
-        rec(1, 2.0, clip_frac=0.3, loss=float("nan"), grad_norm=float("nan")),
-        rec(2, float("nan"), clip_frac=0.4),
-    ], algo="prdp")
+    prdp = write_run(
+        tmp_path / "prdp_run",
+        [
+            rec(0, 1.0, clip_frac=0.1),
+            rec(1, 5.0, clip_frac=0.2),  # superseded by the resumed epoch 1 below
+            rec(1, 2.0, clip_frac=0.3, loss=float("nan"), grad_norm=float("nan")),
+            rec(2, float("nan"), clip_frac=0.4),
+        ],
+        algo="prdp",
+    )
     ddpo = write_run(tmp_path / "ddpo_run", [rec(0, 0.5), rec(1, 1.5), rec(2, 2.5)], algo="ddpo")
     return prdp, ddpo
 
@@ -47,10 +60,10 @@ def test_single_run_series_drops_nan_and_uses_within_run_se(runs):
     records = plot.read_metrics(runs[0])
     epochs, mean, se = plot.aggregate([records], "reward_mean")
     assert epochs.tolist() == [0, 1] and mean.tolist() == [1.0, 2.0]
-    np.testing.assert_allclose(se, [2.0 / 4, 2.0 / 4])      # reward_std / sqrt(num_images)
+    np.testing.assert_allclose(se, [2.0 / 4, 2.0 / 4])  # reward_std / sqrt(num_images)
     epochs, mean, se = plot.aggregate([records], "reward/pickscore")
-    assert epochs.tolist() == [0, 1] and mean.tolist() == [0.5, 1.0]   # epoch 2 is NaN
-    assert np.isnan(se).all()                                 # no reward/pickscore_std logged
+    assert epochs.tolist() == [0, 1] and mean.tolist() == [0.5, 1.0]  # epoch 2 is NaN
+    assert np.isnan(se).all()  # no reward/pickscore_std logged
     assert plot.aggregate([plot.read_metrics(runs[1])], "clip_frac")[0].size == 0
 
 
@@ -61,8 +74,10 @@ def test_component_std_gives_band(tmp_path):
 
 
 def test_seeds_under_one_label_aggregate_across_runs(tmp_path):
-    seeds = [write_run(tmp_path / f"seed{i}", [rec(0, v0), rec(1, v1)])
-             for i, (v0, v1) in enumerate([(1.0, 2.0), (3.0, float("nan")), (5.0, 4.0)])]
+    seeds = [
+        write_run(tmp_path / f"seed{i}", [rec(0, v0), rec(1, v1)])
+        for i, (v0, v1) in enumerate([(1.0, 2.0), (3.0, float("nan")), (5.0, 4.0)])
+    ]
     epochs, mean, se = plot.aggregate([plot.read_metrics(s) for s in seeds], "reward_mean")
     assert epochs.tolist() == [0, 1]
     np.testing.assert_allclose(mean, [3.0, 3.0])
@@ -77,8 +92,11 @@ def test_parse_runs_labels_and_default_label(runs):
 
 
 def test_plot_runs_library_call(runs, tmp_path):
-    out = plot.plot_runs({"a": [runs[0]], "b": [runs[1]]}, tmp_path / "figs" / "cmp.png",
-                         metrics=["reward_mean", "clip_frac", "not_logged"])
+    out = plot.plot_runs(
+        {"a": [runs[0]], "b": [runs[1]]},
+        tmp_path / "figs" / "cmp.png",
+        metrics=["reward_mean", "clip_frac", "not_logged"],
+    )
     assert out.read_bytes().startswith(PNG_MAGIC)
     with pytest.raises(plot.PlotError, match="not_logged"):
         plot.plot_runs({"a": [runs[0]]}, tmp_path / "x.png", metrics=["not_logged"])
@@ -93,9 +111,13 @@ def test_cli_main_writes_png(runs, tmp_path, capsys):
 
 
 def test_cli_subprocess_default_out_in_cwd(runs, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "prdp_ds.plot", str(runs[0]), str(runs[1]),
-                           "--metrics", "reward_mean,loss"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "prdp_ds.plot", str(runs[0]), str(runs[1]), "--metrics", "reward_mean,loss"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "comparison.png").read_bytes().startswith(PNG_MAGIC)
 

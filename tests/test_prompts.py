@@ -10,7 +10,7 @@ import pytest
 from prdp_ds import prompts as P
 from prdp_ds.prompts import PromptSampler, load_prompts, rank_slice
 
-RAW = ["a red cat", "  a blue dog  ", "", "a red cat", "a green fox"]   # 1 empty, 1 duplicate
+RAW = ["a red cat", "  a blue dog  ", "", "a red cat", "a green fox"]  # 1 empty, 1 duplicate
 CLEAN = ["a red cat", "a blue dog", "a green fox"]
 
 
@@ -41,8 +41,15 @@ def test_each_format_cleans_templates_and_counts(tmp_path, ext):
     ps = load_prompts(write(tmp_path, ext, RAW), template="A painting of {}")
     assert list(ps) == [f"A painting of {p}" for p in CLEAN]
     assert len(ps) == 3 and ps[1] == "A painting of a blue dog" and ps.prompts == tuple(ps)
-    assert ps.counts == {"read": 5, "empty": 1, "invalid": 0, "duplicates": 1,
-                         "over_length": 0, "dropped": 0, "kept": 3}
+    assert ps.counts == {
+        "read": 5,
+        "empty": 1,
+        "invalid": 0,
+        "duplicates": 1,
+        "over_length": 0,
+        "dropped": 0,
+        "kept": 3,
+    }
     assert ps.summary() == f"prompts: 3 from prompts{ext} (1 empty, 1 duplicates skipped)"
 
 
@@ -88,8 +95,9 @@ def fake_lengths(prompts):
     return [len(p.split()) + 2 for p in prompts]  # words + BOS/EOS
 
 
-@pytest.mark.parametrize("mode, kept", [("truncate", ["one", "one two", "one two three four"]),
-                                        ("drop", ["one", "one two"])])
+@pytest.mark.parametrize(
+    "mode, kept", [("truncate", ["one", "one two", "one two three four"]), ("drop", ["one", "one two"])]
+)
 def test_over_length(tmp_path, mode, kept):
     path = write(tmp_path, ".txt", ["one", "one two", "one two three four"])
     ps = load_prompts(path, over_length=mode, token_lengths=fake_lengths, max_tokens=5)
@@ -110,22 +118,24 @@ def test_over_length_measures_templated_prompts(tmp_path):
 def test_summary_thousands_and_fingerprint(tmp_path):
     path = write(tmp_path, ".txt", [f"p{i}" for i in range(1234)] + ["p0"] * 12 + [""] * 3)
     ps = load_prompts(path, token_lengths=lambda ps: [78 if p.endswith("7") else 5 for p in ps], max_tokens=77)
-    assert ps.summary() == ("prompts: 1,234 from prompts.txt "
-                            "(3 empty, 12 duplicates skipped, 123 over 77 tokens truncated)")
+    assert ps.summary() == (
+        "prompts: 1,234 from prompts.txt (3 empty, 12 duplicates skipped, 123 over 77 tokens truncated)"
+    )
     assert len(ps.fingerprint) == 64
-    assert ps.fingerprint == load_prompts(path).fingerprint                    # depends on the kept prompts only
+    assert ps.fingerprint == load_prompts(path).fingerprint  # depends on the kept prompts only
     assert ps.fingerprint != load_prompts(path, template="a {}").fingerprint
     assert ps.fingerprint != load_prompts(path, dedupe=False).fingerprint
 
 
 def test_animals_and_registry():
-    ps = load_prompts("animals", "A painting of a {}")   # the old call form
+    ps = load_prompts("animals", "A painting of a {}")  # the old call form
     assert len(ps) == 45 and ps[0] == "A painting of a cat" and ps.summary() == "prompts: 45 from animals"
     assert "animals" in P.prompt_set_names()
 
     @P.register_prompt_set("test_tiny")
     def tiny():
         return ["x", "y", "x", ""]
+
     try:
         ps = load_prompts("test_tiny")
         assert list(ps) == ["x", "y"] and ps.counts["duplicates"] == 1 and "test_tiny" in P.prompt_set_names()
@@ -139,21 +149,24 @@ def test_epoch_prompts_is_gone():
     assert not hasattr(P, "epoch_prompts")
 
 
-@pytest.mark.parametrize("content, ext, match", [
-    ('{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": "c",,}\n', ".jsonl", r"prompts\.source.*bad\.jsonl.*line 3"),
-    ('[{"prompt": "a"},\n oops]', ".json", r"prompts\.source.*bad\.json.*line 2"),
-    ("", ".txt", r"prompts\.source.*bad\.txt.*no prompts"),
-    ("\n  \n\n", ".txt", r"prompts\.source.*bad\.txt.*no prompts"),
-    ("", ".csv", r"prompts\.source.*bad\.csv.*header"),
-    ("prompt\n", ".csv", r"prompts\.source.*bad\.csv.*no prompts"),
-    ("", ".json", r"prompts\.source.*bad\.json.*not valid JSON"),
-    ('{"items": ["a"]}', ".json", r"bad\.json.*'prompts'.*items"),
-    ('"a cat"', ".json", r"bad\.json.*list"),
-    ("[null, 3]", ".json", r"bad\.json.*no prompts"),
-    ("prompt,id\n", ".parquet", r"prompts\.source.*bad\.parquet.*cannot read"),
-    ("id,text\n1,a\n", ".csv", r"prompts\.field.*bad\.csv.*'prompt'.*\['id', 'text'\]"),
-    ('{"text": "a", "id": 1}\n', ".jsonl", r"prompts\.field.*bad\.jsonl.*'prompt'.*\['id', 'text'\]"),
-])
+@pytest.mark.parametrize(
+    "content, ext, match",
+    [
+        ('{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": "c",,}\n', ".jsonl", r"prompts\.source.*bad\.jsonl.*line 3"),
+        ('[{"prompt": "a"},\n oops]', ".json", r"prompts\.source.*bad\.json.*line 2"),
+        ("", ".txt", r"prompts\.source.*bad\.txt.*no prompts"),
+        ("\n  \n\n", ".txt", r"prompts\.source.*bad\.txt.*no prompts"),
+        ("", ".csv", r"prompts\.source.*bad\.csv.*header"),
+        ("prompt\n", ".csv", r"prompts\.source.*bad\.csv.*no prompts"),
+        ("", ".json", r"prompts\.source.*bad\.json.*not valid JSON"),
+        ('{"items": ["a"]}', ".json", r"bad\.json.*'prompts'.*items"),
+        ('"a cat"', ".json", r"bad\.json.*list"),
+        ("[null, 3]", ".json", r"bad\.json.*no prompts"),
+        ("prompt,id\n", ".parquet", r"prompts\.source.*bad\.parquet.*cannot read"),
+        ("id,text\n1,a\n", ".csv", r"prompts\.field.*bad\.csv.*'prompt'.*\['id', 'text'\]"),
+        ('{"text": "a", "id": 1}\n', ".jsonl", r"prompts\.field.*bad\.jsonl.*'prompt'.*\['id', 'text'\]"),
+    ],
+)
 def test_malformed_files(tmp_path, content, ext, match):
     path = tmp_path / f"bad{ext}"
     path.write_text(content)
@@ -219,10 +232,10 @@ def test_sampler_no_repeat_within_epoch_or_pass(num, n):
     for idx in epochs:
         assert len(idx) == n and len(set(idx)) == n and all(0 <= i < num for i in idx)
     for p in range(3):  # a pass is a slice of one permutation: nothing seen twice
-        seen = [i for idx in epochs[p * s.epochs_per_pass:(p + 1) * s.epochs_per_pass] for i in idx]
+        seen = [i for idx in epochs[p * s.epochs_per_pass : (p + 1) * s.epochs_per_pass] for i in idx]
         assert len(seen) == len(set(seen)) == s.epochs_per_pass * n
     k = s.epochs_per_pass  # the next pass is a fresh permutation, not a replay of the last one
-    assert [i for idx in epochs[:k] for i in idx] != [i for idx in epochs[k:2 * k] for i in idx]
+    assert [i for idx in epochs[:k] for i in idx] != [i for idx in epochs[k : 2 * k] for i in idx]
 
 
 @pytest.mark.parametrize("num, n", [(45, 36), (7, 6), (100, 96), (10, 12)])
@@ -247,7 +260,7 @@ def test_more_prompts_per_epoch_than_the_set(num, n):
     s = PromptSampler(num, n, seed=2)
     assert s.repeats_within_epoch and s.epochs_per_pass == 0
     idx = s.indices(0)
-    assert len(idx) == n and sorted(idx[:num]) == list(range(num))   # whole permutations first
+    assert len(idx) == n and sorted(idx[:num]) == list(range(num))  # whole permutations first
     counts = [idx.count(i) for i in range(num)]
     assert max(counts) <= -(-n // num) and min(counts) >= n // num
     assert idx == s.indices(0) and PromptSampler(num, n, seed=2).indices(1) == s.indices(1)
@@ -283,11 +296,13 @@ def test_sampler_rejects_bad_arguments(args):
 def test_sampler_matches_the_documented_stream(num, n):
     """Pass p is default_rng([seed, p]).permutation(num); epoch e is the (e % K)-th slice of pass e // K,
     or, when n > num, passes e*M .. e*M+M-1 concatenated and cut to n."""
+
     def perm(p):
         return np.random.default_rng([9, p]).permutation(num).tolist()
+
     s, k, m = PromptSampler(num, n, seed=9), num // n, -(-n // num)
     for e in range(5):
-        want = perm(e // k)[(e % k) * n:(e % k + 1) * n] if k else sum((perm(e * m + j) for j in range(m)), [])[:n]
+        want = perm(e // k)[(e % k) * n : (e % k + 1) * n] if k else sum((perm(e * m + j) for j in range(m)), [])[:n]
         assert s.indices(e) == want
 
 

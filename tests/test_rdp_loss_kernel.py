@@ -6,6 +6,7 @@ between torch versions.
 
 Tolerance rule: the kernel's max error vs fp64 must be <= 2x the same-dtype PyTorch reference's
 error vs fp64, plus a small atol relative to the quantity's scale."""
+
 import pytest
 import torch
 
@@ -22,10 +23,9 @@ def make_inputs(G, B, T, clip="mixed", seed=0, ties=False):
     ro = r + 0.1 * torch.randn(G, B, T, generator=g)
     rw = torch.randn(G, B, generator=g)
     if ties:
-        rw = (2 * rw).round()                 # many exactly tied rewards
+        rw = (2 * rw).round()  # many exactly tied rewards
     clip_range = {"mixed": 0.08, "inactive": 10.0, "active": 1e-6}[clip]
     return r.to(DEVICE), ro.to(DEVICE), rw.to(DEVICE), clip_range, 0.7
-
 
 
 def err(x, exact):
@@ -46,9 +46,9 @@ def check_against_refs(r, ro, rw, clip_range, beta, upstream=2.5, dtype=torch.fl
     L_64 = rdp_loss(r_64, ro.double(), rw.double(), clip_range, beta)
     assert L_k.shape == () and L_k.dtype == torch.float32 and torch.isfinite(L_k)
     assert_rule("loss", L_k, L_t, L_64, 1e-6 * abs(L_64.item()) + 1e-30)
-    g_k, = torch.autograd.grad(L_k * upstream, r_k)
-    g_t, = torch.autograd.grad(L_t * upstream, r_t)
-    g_64, = torch.autograd.grad(L_64 * upstream, r_64)
+    (g_k,) = torch.autograd.grad(L_k * upstream, r_k)
+    (g_t,) = torch.autograd.grad(L_t * upstream, r_t)
+    (g_64,) = torch.autograd.grad(L_64 * upstream, r_64)
     assert g_k.dtype == r.dtype and g_k.shape == r.shape and torch.isfinite(g_k).all()
     assert_rule("grad", g_k, g_t, g_64, 1e-6 * g_64.abs().max().item() + 1e-30)
     return L_k, g_k
@@ -101,7 +101,7 @@ def test_max_branch_at_paper_beta(poison, G, B, T, seed):
 def test_max_tie_splits_gradient(poison):
     """e^2 == e'^2 with e = -e': torch.maximum gives 0.5 / 0.5, so dL/dr = [2, -2], not [4, -4]."""
     r = torch.tensor([[[3.0], [0.0]]], device=DEVICE)
-    ro = torch.tensor([[[-0.5], [1.5]]], device=DEVICE)          # bands [-1, 0] and [1, 2]: both clipped
+    ro = torch.tensor([[[-0.5], [1.5]]], device=DEVICE)  # bands [-1, 0] and [1, 2]: both clipped
     rw = torch.tensor([[1.0, 0.0]], device=DEVICE)
     r_k, r_t = r.clone().requires_grad_(), r.clone().requires_grad_()
     L_k = rdp_loss_triton(r_k, ro, rw, 0.5, 1.0)
@@ -109,7 +109,7 @@ def test_max_tie_splits_gradient(poison):
     (1.5 * L_k).backward()
     (1.5 * L_t).backward()
     assert L_k.item() == L_t.item() == 4.0
-    assert torch.equal(r_t.grad, torch.tensor([[[3.0], [-3.0]]], device=DEVICE))   # what torch does here
+    assert torch.equal(r_t.grad, torch.tensor([[[3.0], [-3.0]]], device=DEVICE))  # what torch does here
     assert torch.equal(r_k.grad, r_t.grad)
 
 
@@ -120,14 +120,18 @@ def convention_loss(r, ro, rw, clip_range, beta):
     r, ro, rw = r.double(), ro.detach().double(), rw.double()
     lo, hi = ro - clip_range, ro + clip_range
     rd = r.detach()
-    d = ((rd > lo) & (rd < hi)).double() + 0.5 * ((rd == lo) & (rd <= hi)).double() + 0.5 * ((rd == hi) & (rd >= lo)).double()
-    c = torch.clamp(rd, lo, hi) + d * (r - rd)                    # value clamp(r), derivative d
+    d = (
+        ((rd > lo) & (rd < hi)).double()
+        + 0.5 * ((rd == lo) & (rd <= hi)).double()
+        + 0.5 * ((rd == hi) & (rd >= lo)).double()
+    )
+    c = torch.clamp(rd, lo, hi) + d * (r - rd)  # value clamp(r), derivative d
     R, C = r.mean(-1), c.mean(-1)
     target = (rw[:, :, None] - rw[:, None, :]) / beta
     m = (R[:, :, None] - R[:, None, :] - target) ** 2
     mc = (C[:, :, None] - C[:, None, :] - target) ** 2
     wa = torch.where(m > mc, 1.0, torch.where(m == mc, 0.5, 0.0)).detach()
-    pair = wa * m + (1 - wa) * mc                                  # value max(m, mc)
+    pair = wa * m + (1 - wa) * mc  # value max(m, mc)
     valid = target > 0
     n = valid.sum((1, 2))
     per_group = torch.where(valid, pair, 0.0).sum((1, 2)) / n.clamp(min=1)
@@ -138,7 +142,7 @@ def convention_loss(r, ro, rw, clip_range, beta):
 def test_clamp_bounds_subgradient(poison, clip_range):
     """r exactly on a clip bound (and lo == hi == r for clip 0): the documented subgradient."""
     vals = torch.tensor([0.25, 0.75, 0.5, 1.0, 0.0], device=DEVICE)
-    r = torch.stack([vals.roll(k) for k in range(3)])[None]       # (1, 3, 5), every value per image
+    r = torch.stack([vals.roll(k) for k in range(3)])[None]  # (1, 3, 5), every value per image
     ro = torch.full_like(r, 0.5)
     rw = torch.tensor([[0.0, 1.0, 3.0]], device=DEVICE)
     r_k, r_x = r.clone().requires_grad_(), r.clone().requires_grad_()
@@ -153,9 +157,9 @@ def test_clamp_bounds_subgradient(poison, clip_range):
 def test_clip_inactive_ties_everywhere(poison):
     """Clip inactive: R == C exactly, every pair is a max tie (0.5 / 0.5) in kernel and torch."""
     r, ro, rw, _, beta = make_inputs(3, 6, 4, seed=4)
-    L_k, g_k = check_against_refs(r, r.clone(), rw, 1e-3, beta)   # r == r_old: on-policy step
+    L_k, g_k = check_against_refs(r, r.clone(), rw, 1e-3, beta)  # r == r_old: on-policy step
     r_k = r.clone().requires_grad_()
-    rdp_loss_triton(r_k, r, rw, 0.0, beta).backward()            # lo == hi == r
+    rdp_loss_triton(r_k, r, rw, 0.0, beta).backward()  # lo == hi == r
     torch.testing.assert_close(r_k.grad, g_k / 2.5, rtol=1e-6, atol=1e-7)
 
 
@@ -169,11 +173,11 @@ def test_low_precision_log_ratios(poison, dtype):
 def test_several_programs(poison, block_g, chunks):
     """Force the multi-program path (partials + sum) and compare with the fp64 reference."""
     r, ro, rw, clip, beta = make_inputs(7, 5, 9, seed=6)
-    rw[3] = 0.0                                                # one group without valid pairs
+    rw[3] = 0.0  # one group without valid pairs
     L, grad = launch_rdp_loss(r, ro, rw, clip, beta, True, block_g=block_g, chunks_per_prog=chunks)
     r64 = r.double().requires_grad_()
     L64 = rdp_loss(r64, ro.double(), rw.double(), clip, beta)
-    g64, = torch.autograd.grad(L64, r64)
+    (g64,) = torch.autograd.grad(L64, r64)
     assert abs(L.item() - L64.item()) <= 1e-5 * L64.item()
     assert (grad.double() - g64).abs().max() <= 1e-5 * g64.abs().max()
 
@@ -194,7 +198,7 @@ def test_non_contiguous_inputs(poison):
 
 def test_without_grad_and_dispatch(poison):
     r, ro, rw, clip, beta = make_inputs(2, 5, 3, seed=8)
-    L1 = rdp_loss_triton(r, ro, rw, clip, beta)                 # no grad needed: no dL/dr written
+    L1 = rdp_loss_triton(r, ro, rw, clip, beta)  # no grad needed: no dL/dr written
     assert not L1.requires_grad
     L2 = rdp_loss(r.clone().requires_grad_(), ro, rw, clip, beta, impl="triton")
     assert torch.equal(L1, L2.detach())

@@ -7,20 +7,21 @@ independently: each model's own PIL preprocessing (HPSv2's ResizeMaxSize transfo
 image_transform, transformers' CLIPImageProcessorPil, OpenAI CLIP's Resize+CenterCrop) and the
 published score formulas.
 """
+
 import gzip
 import json
 import os
+from pathlib import Path
 
 import numpy as np
+import open_clip
 import pytest
 import torch
+from open_clip.tokenizer import bytes_to_unicode, default_bpe
 from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
-
-import open_clip
-from open_clip.tokenizer import bytes_to_unicode, default_bpe
 from transformers import CLIPConfig, CLIPModel
 
 try:  # transformers >= 5: the PIL backend has its own class
@@ -33,8 +34,13 @@ from prdp_ds.rewards import RewardError, available_rewards, build_reward
 
 MEAN, STD = rm.OPENAI_CLIP_MEAN, rm.OPENAI_CLIP_STD
 ONE_STEP = 1.0 / 255.0 / min(STD) + 1e-4  # one uint8 step after normalization (~0.0150)
-PROMPTS = ["a photograph of an astronaut riding a horse", "a red cube on a blue sphere, trending on artstation",
-           "Grace Hopper in uniform", "café sign at night, 35mm", "an extremely long prompt " * 20]
+PROMPTS = [
+    "a photograph of an astronaut riding a horse",
+    "a red cube on a blue sphere, trending on artstation",
+    "Grace Hopper in uniform",
+    "café sign at night, 35mm",
+    "an extremely long prompt " * 20,
+]
 
 # (width, height): non-square, both orientations; (417, 300) puts the center crop on a rounding tie
 # (311 - 224 = 87: torchvision rounds the offset 43.5 to 44, transformers floors to 43); (150, 97) is
@@ -46,11 +52,13 @@ SIZES = [(417, 300), (333, 600), (150, 97), (512, 512)]
 # Fixtures: real images, tiny real architectures saved like the public files
 # ------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def photo():
     """A real photograph (matplotlib's sample image) or, without it, a textured synthetic one."""
     try:
         import matplotlib.cbook as cbook
+
         return Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).convert("RGB")
     except Exception:
         rng = np.random.default_rng(0)
@@ -87,30 +95,54 @@ def write_clip_tokenizer(folder):
     """CLIP's tokenizer files as the laion / openai hub folders hold them (vocab.json, merges.txt,
     tokenizer_config.json), made from the BPE file that open_clip ships."""
     folder.mkdir(parents=True, exist_ok=True)
-    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    merges = gzip.decompress(Path(default_bpe()).read_bytes()).decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
     vocab = list(bytes_to_unicode().values())
     vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "bos_token": "<|startoftext|>",
-        "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "CLIPTokenizer",
+                "model_max_length": 77,
+                "bos_token": "<|startoftext|>",
+                "eos_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+                "pad_token": "<|endoftext|>",
+            }
+        )
+    )
 
 
-TINY_OPEN_CLIP = {"embed_dim": 16,
-                  "vision_cfg": {"image_size": 224, "layers": 2, "width": 32, "head_width": 16, "patch_size": 32},
-                  "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+TINY_OPEN_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 224, "layers": 2, "width": 32, "head_width": 16, "patch_size": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
 
 
 def _tiny_hf_clip(seed, projection_dim=16):
     torch.manual_seed(seed)
     config = CLIPConfig(
-        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=77),
-        vision_config=dict(image_size=224, patch_size=32, hidden_size=32, intermediate_size=64,
-                           num_hidden_layers=2, num_attention_heads=2),
-        projection_dim=projection_dim)
+        text_config=dict(
+            vocab_size=49408,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+        ),
+        vision_config=dict(
+            image_size=224,
+            patch_size=32,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+        ),
+        projection_dim=projection_dim,
+    )
     model = CLIPModel(config).eval()
     with torch.no_grad():  # spread the embeddings so scores differ between images and prompts
         for p in model.parameters():
@@ -134,8 +166,9 @@ def files(tmp_path_factory):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-    torch.save({"state_dict": {k: v.half() for k, v in model.state_dict().items()}, "epoch": 1},
-               root / "HPS_v2_compressed.pt")
+    torch.save(
+        {"state_dict": {k: v.half() for k, v in model.state_dict().items()}, "epoch": 1}, root / "HPS_v2_compressed.pt"
+    )
     paths["hps_cfg"], paths["hps_ckpt"] = str(cfg_path), str(root / "HPS_v2_compressed.pt")
 
     # PickScore: a CLIPModel folder (like yuvalkirstain/PickScore_v1) and a processor folder holding
@@ -144,10 +177,21 @@ def files(tmp_path_factory):
     pick.save_pretrained(root / "PickScore_v1")
     proc_dir = root / "CLIP-ViT-H-14-laion2B-s32B-b79K"
     write_clip_tokenizer(proc_dir)
-    (proc_dir / "preprocessor_config.json").write_text(json.dumps({
-        "crop_size": 224, "do_center_crop": True, "do_normalize": True, "do_resize": True,
-        "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": list(MEAN), "image_std": list(STD),
-        "resample": 3, "size": 224}))
+    (proc_dir / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "crop_size": 224,
+                "do_center_crop": True,
+                "do_normalize": True,
+                "do_resize": True,
+                "feature_extractor_type": "CLIPFeatureExtractor",
+                "image_mean": list(MEAN),
+                "image_std": list(STD),
+                "resample": 3,
+                "size": 224,
+            }
+        )
+    )
     paths["pick_model"], paths["pick_proc"] = str(root / "PickScore_v1"), str(proc_dir)
 
     # Aesthetic: a CLIP folder (like openai/clip-vit-large-patch14, tiny: 16-dim embeddings) and the
@@ -159,8 +203,10 @@ def files(tmp_path_factory):
         mlp.layers[0].weight.mul_(300.0)
         mlp.layers[7].bias.fill_(5.5)
     torch.save(mlp.state_dict(), root / "sac+logos+ava1-l14-linearMSE.pth")
-    paths["aes_clip"], paths["aes_mlp"] = str(root / "clip-vit-large-patch14"), str(
-        root / "sac+logos+ava1-l14-linearMSE.pth")
+    paths["aes_clip"], paths["aes_mlp"] = (
+        str(root / "clip-vit-large-patch14"),
+        str(root / "sac+logos+ava1-l14-linearMSE.pth"),
+    )
     paths["root"] = root
     return paths
 
@@ -172,11 +218,15 @@ class ReferenceMLP(torch.nn.Module):
         super().__init__()
         self.input_size = input_size
         self.layers = torch.nn.Sequential(
-            torch.nn.Linear(self.input_size, 1024), torch.nn.Dropout(0.2),
-            torch.nn.Linear(1024, 128), torch.nn.Dropout(0.2),
-            torch.nn.Linear(128, 64), torch.nn.Dropout(0.1),
+            torch.nn.Linear(self.input_size, 1024),
+            torch.nn.Dropout(0.2),
+            torch.nn.Linear(1024, 128),
+            torch.nn.Dropout(0.2),
+            torch.nn.Linear(128, 64),
+            torch.nn.Dropout(0.1),
             torch.nn.Linear(64, 16),
-            torch.nn.Linear(16, 1))
+            torch.nn.Linear(16, 1),
+        )
 
     def forward(self, x):
         return self.layers(x)
@@ -197,6 +247,7 @@ def _aes(files, **kw):
 # ------------------------------------------------------------------------------------------------
 # The models' own PIL preprocessing, written independently of prdp_ds
 # ------------------------------------------------------------------------------------------------
+
 
 class HPSv2ResizeMaxSize(torch.nn.Module):
     """HPSv2's transform (its open_clip fork, image_transform(..., resize_longest_max=True))."""
@@ -222,8 +273,15 @@ def hpsv2_pil_preprocess(size=224):
 
 def openai_clip_pil_preprocess(size=224):
     """OpenAI CLIP's clip.load preprocess (what improved-aesthetic-predictor embeds with)."""
-    return T.Compose([T.Resize(size, interpolation=InterpolationMode.BICUBIC), T.CenterCrop(size),
-                      lambda im: im.convert("RGB"), T.ToTensor(), T.Normalize(MEAN, STD)])
+    return T.Compose(
+        [
+            T.Resize(size, interpolation=InterpolationMode.BICUBIC),
+            T.CenterCrop(size),
+            lambda im: im.convert("RGB"),
+            T.ToTensor(),
+            T.Normalize(MEAN, STD),
+        ]
+    )
 
 
 def _assert_pixels_close(ours, ref):
@@ -279,10 +337,13 @@ def test_preprocess_takes_float_batches_like_converting_to_pil(files):
 # Scores vs the published formulas
 # ------------------------------------------------------------------------------------------------
 
+
 def _groups(photo):
     """Two batches of real images at different non-square sizes, 5 images / prompts in all."""
-    return [(_images(photo, (417, 300), n=3, seed=1), PROMPTS[:3]),
-            (_images(photo, (333, 600), n=2, seed=2), PROMPTS[3:])]
+    return [
+        (_images(photo, (417, 300), n=3, seed=1), PROMPTS[:3]),
+        (_images(photo, (333, 600), n=2, seed=2), PROMPTS[3:]),
+    ]
 
 
 def test_hpsv2_scores_match_reference(files, photo):
@@ -313,6 +374,7 @@ def test_pickscore_scores_match_reference(files, photo):
     # PickScore's published inference: processor(images=..., text=..., padding, truncation, max_length=77),
     # normalized embeddings, model.logit_scale.exp() * text_embs @ image_embs.T; ours is that / 100.
     from transformers import AutoTokenizer
+
     model = CLIPModel.from_pretrained(files["pick_model"]).eval()
     tokenizer = AutoTokenizer.from_pretrained(files["pick_proc"])
     image_processor = CLIPImageProcessorPil.from_pretrained(files["pick_proc"])
@@ -367,14 +429,17 @@ def test_batching_and_chunking_do_not_change_scores(files, photo):
 # Registry, config, combination, load-once
 # ------------------------------------------------------------------------------------------------
 
+
 def test_registered_in_reward_registry():
     assert {"hpsv2", "pickscore", "aesthetic", "multi_reward"} <= set(available_rewards())
 
 
 def test_build_reward_from_config_weights_and_parts(files, photo):
-    spec = {"pickscore": {"weight": 10.0, "model": files["pick_model"], "processor": files["pick_proc"]},
-            "hpsv2": {"weight": 2.0, "checkpoint": files["hps_ckpt"], "clip_model": files["hps_cfg"]},
-            "aesthetic": {"weight": 0.05, "mlp": files["aes_mlp"], "clip_model": files["aes_clip"]}}
+    spec = {
+        "pickscore": {"weight": 10.0, "model": files["pick_model"], "processor": files["pick_proc"]},
+        "hpsv2": {"weight": 2.0, "checkpoint": files["hps_ckpt"], "clip_model": files["hps_cfg"]},
+        "aesthetic": {"weight": 0.05, "mlp": files["aes_mlp"], "clip_model": files["aes_clip"]},
+    }
     reward = build_reward(spec)
     x = _to_tensor(_images(photo, (512, 512), n=2))
     total, parts = reward(x, PROMPTS[:2])
@@ -410,7 +475,7 @@ def test_hub_cache_is_used_for_defaults_without_network(files, tmp_path, monkeyp
     snap.mkdir(parents=True)
     (tmp_path / "models--xswu--HPSv2" / "refs").mkdir()
     (tmp_path / "models--xswu--HPSv2" / "refs" / "main").write_text("0" * 40)
-    (snap / "HPS_v2_compressed.pt").write_bytes(open(files["hps_ckpt"], "rb").read())
+    (snap / "HPS_v2_compressed.pt").write_bytes(Path(files["hps_ckpt"]).read_bytes())
     monkeypatch.setattr(rm, "HF_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     reward = rm.hpsv2(clip_model=files["hps_cfg"])
@@ -421,6 +486,7 @@ def test_hub_cache_is_used_for_defaults_without_network(files, tmp_path, monkeyp
 # Errors: missing or wrong files fail at construction, naming the config key and the source
 # ------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def empty_hub_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(rm, "HF_CACHE_DIR", str(tmp_path / "empty-hub-cache"))
@@ -430,24 +496,51 @@ def empty_hub_cache(tmp_path, monkeypatch):
 def test_missing_files_name_the_key_and_the_source(files, tmp_path, empty_hub_cache):
     missing = str(tmp_path / "nope" / "HPS_v2_compressed.pt")
     cases = [
-        (lambda: rm.hpsv2(checkpoint=missing, clip_model=files["hps_cfg"]),
-         ["reward.hpsv2.checkpoint", "file not found", "xswu/HPSv2", "HPS_v2_compressed.pt", "HPS_v2.1_compressed.pt"]),
+        (
+            lambda: rm.hpsv2(checkpoint=missing, clip_model=files["hps_cfg"]),
+            [
+                "reward.hpsv2.checkpoint",
+                "file not found",
+                "xswu/HPSv2",
+                "HPS_v2_compressed.pt",
+                "HPS_v2.1_compressed.pt",
+            ],
+        ),
         (lambda: rm.hpsv2(clip_model=files["hps_cfg"]), ["reward.hpsv2.checkpoint", "xswu/HPSv2"]),
-        (lambda: rm.hpsv2(checkpoint=files["hps_ckpt"], clip_model=str(tmp_path / "nope.json")),
-         ["reward.hpsv2.clip_model", "not found"]),
-        (lambda: rm.hpsv2(checkpoint=files["hps_ckpt"], clip_model="ViT-Q-99"), ["reward.hpsv2.clip_model", "ViT-H-14"]),
-        (lambda: rm.pickscore(model=str(tmp_path / "PickScore_v1"), processor=files["pick_proc"]),
-         ["reward.pickscore.model", "folder not found", "yuvalkirstain/PickScore_v1"]),
-        (lambda: rm.pickscore(model="yuvalkirstain/PickScore_v1", processor=files["pick_proc"]),
-         ["reward.pickscore.model", "Hugging Face cache", "yuvalkirstain/PickScore_v1"]),
-        (lambda: rm.pickscore(model=files["pick_model"], processor=str(tmp_path / "proc")),
-         ["reward.pickscore.processor", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"]),
+        (
+            lambda: rm.hpsv2(checkpoint=files["hps_ckpt"], clip_model=str(tmp_path / "nope.json")),
+            ["reward.hpsv2.clip_model", "not found"],
+        ),
+        (
+            lambda: rm.hpsv2(checkpoint=files["hps_ckpt"], clip_model="ViT-Q-99"),
+            ["reward.hpsv2.clip_model", "ViT-H-14"],
+        ),
+        (
+            lambda: rm.pickscore(model=str(tmp_path / "PickScore_v1"), processor=files["pick_proc"]),
+            ["reward.pickscore.model", "folder not found", "yuvalkirstain/PickScore_v1"],
+        ),
+        (
+            lambda: rm.pickscore(model="yuvalkirstain/PickScore_v1", processor=files["pick_proc"]),
+            ["reward.pickscore.model", "Hugging Face cache", "yuvalkirstain/PickScore_v1"],
+        ),
+        (
+            lambda: rm.pickscore(model=files["pick_model"], processor=str(tmp_path / "proc")),
+            ["reward.pickscore.processor", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"],
+        ),
         (lambda: rm.pickscore(model=files["pick_model"]), ["reward.pickscore.processor", "laion/CLIP-ViT-H-14"]),
-        (lambda: rm.aesthetic(mlp=str(tmp_path / "sac.pth"), clip_model=files["aes_clip"]),
-         ["reward.aesthetic.mlp", "sac+logos+ava1-l14-linearMSE.pth", "christophschuhmann/improved-aesthetic-predictor"]),
+        (
+            lambda: rm.aesthetic(mlp=str(tmp_path / "sac.pth"), clip_model=files["aes_clip"]),
+            [
+                "reward.aesthetic.mlp",
+                "sac+logos+ava1-l14-linearMSE.pth",
+                "christophschuhmann/improved-aesthetic-predictor",
+            ],
+        ),
         (lambda: rm.aesthetic(clip_model=files["aes_clip"]), ["reward.aesthetic.mlp", "improved-aesthetic-predictor"]),
-        (lambda: rm.aesthetic(mlp=files["aes_mlp"], clip_model=str(tmp_path / "clip")),
-         ["reward.aesthetic.clip_model", "openai/clip-vit-large-patch14"]),
+        (
+            lambda: rm.aesthetic(mlp=files["aes_mlp"], clip_model=str(tmp_path / "clip")),
+            ["reward.aesthetic.clip_model", "openai/clip-vit-large-patch14"],
+        ),
         (lambda: rm.aesthetic(mlp=files["aes_mlp"]), ["reward.aesthetic.clip_model", "openai/clip-vit-large-patch14"]),
     ]
     for make, needles in cases:
@@ -523,10 +616,13 @@ def test_wrong_files_are_refused_with_the_key(files, tmp_path):
     with pytest.raises(RewardError, match=r"reward\.pickscore\.model"):
         _pick({**files, "pick_model": str(tmp_path / "other")})
     from safetensors.torch import load_file, save_file
+
     partial = tmp_path / "partial"
     partial.mkdir()
     state = load_file(str(files["root"] / "PickScore_v1" / "model.safetensors"))
-    save_file({k: v for k, v in state.items() if not k.startswith("text_projection")}, str(partial / "model.safetensors"))
+    save_file(
+        {k: v for k, v in state.items() if not k.startswith("text_projection")}, str(partial / "model.safetensors")
+    )
     (partial / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(RewardError, match=r"reward\.pickscore\.model.*do not fit.*text_projection"):
         _pick({**files, "pick_model": str(partial)})

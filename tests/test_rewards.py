@@ -35,7 +35,8 @@ def test_custom_reward_by_import_path(tmp_path, monkeypatch):
     (tmp_path / "my_scores.py").write_text(
         "import torch\n"
         "def red(images, prompts):\n    return images[:, 0].mean(dim=(1, 2))\n"
-        "def scaled(factor):\n    return lambda images, prompts: factor * images.mean(dim=(1, 2, 3))\n")
+        "def scaled(factor):\n    return lambda images, prompts: factor * images.mean(dim=(1, 2, 3))\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     images = _images(2)
     total, _ = build_reward({"my_scores:red": 2.0})(images, ["a", "b"])
@@ -69,8 +70,10 @@ def broken_rewards():
     @register_reward("test_shape_reward")
     def shape_reward(device="cpu"):
         return lambda images, prompts: torch.zeros(len(prompts), 1)
+
     yield
     from prdp_ds import rewards
+
     for name in ("test_nan_reward", "test_shape_reward"):
         rewards._REGISTRY.pop(name)
 

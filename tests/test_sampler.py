@@ -69,7 +69,7 @@ def test_policy_equal_to_reference_gives_zero_log_ratios_and_valid_images():
     traj = sample(m, ["a cat"], image_seeds(0, 0, [0], 4), 3, W)
     assert torch.equal(traj.log_ratio_old, torch.zeros(1, 4, 3))
     torch.testing.assert_close(traj.eps_old, traj.eps_ref, rtol=0, atol=0)
-    assert traj.images.shape == (1, 4, 3, 32, 32) and 0 <= traj.images.min() and traj.images.max() <= 1
+    assert traj.images.shape == (1, 4, 3, 32, 32) and traj.images.min() >= 0 and traj.images.max() <= 1
     assert traj.flat_prompts == ["a cat"] * 4
 
 
@@ -118,6 +118,7 @@ def test_logsnr_spacing_evens_out_the_step_sensitivity_on_the_world_schedule():
     uniform steps put 23.3 at the step into t = 1 (about 2 elsewhere); log-SNR steps give 2.5-2.8 at all but the
     last (1.1)."""
     from prdp_ds.world.model import SCHEDULER
+
     sch = make_scheduler(SCHEDULER)
     ratio = lambda spacing: (lambda s: s.b.abs() / s.sigma)(step_schedule(sch, 10, 1.0, spacing))  # noqa: E731
     assert ratio("uniform").max() > 20

@@ -3,6 +3,7 @@ prdp_ds.logratio.cfg_step_log_ratio(..., impl="torch").
 
 Tolerance rule: the kernel's max error vs fp64 must be <= 2x the same-dtype PyTorch reference's
 error vs fp64, plus a small atol relative to the quantity's natural scale."""
+
 import pytest
 import torch
 
@@ -20,7 +21,7 @@ def make_inputs(rows, latent, dtype=torch.float32, seed=0, coef="row"):
     eu = torch.randn(shape, generator=g)
     ec = eu + 0.3 * torch.randn(shape, generator=g)
     eh = eu + W * (ec - eu)
-    er = eh + 0.05 * torch.randn(shape, generator=g)                 # reference close to policy
+    er = eh + 0.05 * torch.randn(shape, generator=g)  # reference close to policy
     xt = torch.randn(shape, generator=g)
     a_t = 0.9 + 0.2 * torch.rand(rows, generator=g)
     b_t = -0.1 - 0.2 * torch.rand(rows, generator=g)
@@ -48,7 +49,7 @@ def ref64(eu, ec, er, xt, xp, a, b, s, w, reduction):
     eh = eu64 + w * (ec64 - eu64)
     terms = b * (eh - er64) * (2 * xp64 - 2 * a * xt64 - b * (eh + er64)) / (2 * s**2)
     r = terms.sum(1)
-    scale = terms.abs().sum(1).max().item()        # natural error scale of the sum
+    scale = terms.abs().sum(1).max().item()  # natural error scale of the sum
     if reduction == "mean":
         r, scale = r / terms.shape[1], scale / terms.shape[1]
     return r, eu64, ec64, scale
@@ -86,7 +87,6 @@ def check_against_refs(inputs, reduction, upstream_seed=1):
     return r_k
 
 
-
 SHAPES = [(1, (4, 7, 9)), (2, (5,)), (17, (4, 7, 9)), (17, (3, 1, 1)), (50, (2, 3))]
 
 
@@ -115,7 +115,7 @@ def test_mixed_dtypes_and_fp64_constants(poison):
 
 def test_exact_zero_when_policy_equals_reference(poison):
     eu, _, _, xt, xp, a, b, s = make_inputs(17, (4, 7, 9), seed=5)
-    ec = eu.clone().requires_grad_()   # eps_hat == eps_u exactly, whatever w
+    ec = eu.clone().requires_grad_()  # eps_hat == eps_u exactly, whatever w
     eu = eu.clone().requires_grad_()
     r = step_log_ratio_triton(eu, ec, eu.detach(), xt, xp, a, b, s, W)
     assert torch.equal(r, torch.zeros_like(r))
@@ -181,6 +181,8 @@ def test_validation_errors():
 
 def test_cpu_tensors_need_the_interpreter(monkeypatch):
     monkeypatch.setattr(ku, "INTERPRET", False)
-    eu, ec, er, xt, xp, a, b, s = (x.cpu() if isinstance(x, torch.Tensor) else x for x in make_inputs(2, (3,), seed=23))  # CPU even on a GPU machine
+    eu, ec, er, xt, xp, a, b, s = (
+        x.cpu() if isinstance(x, torch.Tensor) else x for x in make_inputs(2, (3,), seed=23)
+    )  # CPU even on a GPU machine
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         step_log_ratio_triton(eu, ec, er, xt, xp, a, b, s, W)

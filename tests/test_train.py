@@ -1,4 +1,5 @@
 """End-to-end runs of `prdp_ds.train` as a user launches it (CPU, DeepSpeed's CPU accelerator)."""
+
 import json
 import math
 import os
@@ -22,8 +23,21 @@ def test_one_and_two_ranks_give_the_same_parameters(tmp_path, ds_config):
     # Adam's m / sqrt(v) turns a gradient at rounding level into a full step of either sign; adam_eps = 1e-3
     # keeps such elements linear in g (typical |g| here is far above it), so parameters must agree everywhere.
     for ranks in (1, 2):  # one thread per process on both sides: the same kernels, only the reduction differs
-        run(["--output-dir", str(tmp_path / f"r{ranks}"), "--config", str(REPO / "ds_configs" / f"{ds_config}.json"),
-             "--set", "train.epochs=1", *SMALL, "--set", "train.adam_eps=1e-3"], ranks=ranks, threads=1)
+        run(
+            [
+                "--output-dir",
+                str(tmp_path / f"r{ranks}"),
+                "--config",
+                str(REPO / "ds_configs" / f"{ds_config}.json"),
+                "--set",
+                "train.epochs=1",
+                *SMALL,
+                "--set",
+                "train.adam_eps=1e-3",
+            ],
+            ranks=ranks,
+            threads=1,
+        )
     p1, p2 = (unet_params(tmp_path / f"r{r}" / "checkpoints" / "epoch_0000") for r in (1, 2))
     base = unet_params_initial()
     moved = max((p1[k] - base[k]).abs().max().item() for k in p1)
@@ -42,6 +56,7 @@ def test_one_and_two_ranks_give_the_same_parameters(tmp_path, ds_config):
 
 def unet_params_initial():
     from prdp_ds.models import build_tiny
+
     return {k: v.clone() for k, v in build_tiny(0).unet.state_dict().items()}
 
 
@@ -99,9 +114,22 @@ def test_tiny_demo_raises_the_reward_and_writes_its_outputs(tiny_demo_run):
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     ckpt = tmp_path / "checkpoints" / (tmp_path / "checkpoints" / "latest").read_text()
     from diffusers import UNet2DConditionModel
+
     UNet2DConditionModel.from_pretrained(str(ckpt / "unet"))
-    assert {"epoch", "reward_mean", "reward_std", "loss", "clip_frac", "kl", "grad_norm", "lr", "sample_s",
-            "train_s", "images_per_s", "peak_mem_mb"} <= set(rows[0])
+    assert {
+        "epoch",
+        "reward_mean",
+        "reward_std",
+        "loss",
+        "clip_frac",
+        "kl",
+        "grad_norm",
+        "lr",
+        "sample_s",
+        "train_s",
+        "images_per_s",
+        "peak_mem_mb",
+    } <= set(rows[0])
     graded = [r for r in rows if "eval/reward_mean" in r]  # the fixed sample grid is scored when drawn
     assert [r["epoch"] for r in graded] == [0, 3, 6, 9, 11]
     assert all(r["eval/brightness"] == r["eval/reward_mean"] for r in graded)
@@ -112,8 +140,25 @@ def test_tiny_demo_raises_the_reward_and_writes_its_outputs(tiny_demo_run):
 def test_the_demo_preset_trains_the_world_model(tmp_path):
     """The `demo` preset (the default of `python -m prdp_ds.train`) is the world demo; shrunk to one small epoch, it
     runs and logs the world's scores. Machinery only: README, "What the demo shows", has the full run's gain."""
-    run(["--preset", "demo", "--output-dir", str(tmp_path), "--set", "train.epochs=1", "--set", "train.images_per_prompt=3",
-         "--set", "sampler.num_steps=3", "--set", "output.eval_images=1", "--set", "output.save_every=1"], threads=2)
+    run(
+        [
+            "--preset",
+            "demo",
+            "--output-dir",
+            str(tmp_path),
+            "--set",
+            "train.epochs=1",
+            "--set",
+            "train.images_per_prompt=3",
+            "--set",
+            "sampler.num_steps=3",
+            "--set",
+            "output.eval_images=1",
+            "--set",
+            "output.save_every=1",
+        ],
+        threads=2,
+    )
     (row,) = metrics(tmp_path)
     assert row["num_images"] == 12 and row["steps_applied"] == 2 and math.isfinite(row["loss"])
     assert 0 <= row["reward/world_judge"] <= 1 and 0 < row["reward/world_alignment"] <= 1
@@ -126,10 +171,24 @@ def test_a_nan_reward_on_one_rank_skips_the_step_on_all_and_stops_after_max_bad_
         "import torch, torch.distributed as dist\n"
         "def score(images, prompts):\n"
         "    s = images.mean(dim=(1, 2, 3))\n"
-        "    return s * float('nan') if dist.get_rank() == 1 else s\n")
+        "    return s * float('nan') if dist.get_rank() == 1 else s\n"
+    )
     monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    proc = run(["--output-dir", str(tmp_path / "out"), "--set", "train.epochs=2", "--set", "train.max_bad_steps=2",
-                "--set", "reward={'rank_nan:score': 1.0}", *SMALL], ranks=2, check=False)
+    proc = run(
+        [
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--set",
+            "train.epochs=2",
+            "--set",
+            "train.max_bad_steps=2",
+            "--set",
+            "reward={'rank_nan:score': 1.0}",
+            *SMALL,
+        ],
+        ranks=2,
+        check=False,
+    )
     log = proc.stdout + proc.stderr
     assert proc.returncode != 0, log[-2000:]
     assert "[rank 1] epoch 0: reward 'rank_nan:score' returned non-finite scores" in log
@@ -143,8 +202,14 @@ def test_sigterm_checkpoints_mid_epoch_and_the_resumed_run_equals_a_straight_one
     common = ["--set", "train.epochs=2", *SMALL]
     run(["--output-dir", str(straight), *common])
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "MASTER_PORT": str(_port())}
-    proc = subprocess.Popen([sys.executable, "-m", "prdp_ds.train", "--preset", "tiny_demo", "--output-dir", str(cut), *common], cwd=REPO,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prdp_ds.train", "--preset", "tiny_demo", "--output-dir", str(cut), *common],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines = []
     for line in proc.stdout:  # the handler is installed before this line is printed
         lines.append(line)
@@ -167,8 +232,19 @@ def test_bf16_policy_and_reference_agree_at_init(tmp_path):
     """Frozen parts take the policy's compute dtype, so r(theta = ref) = 0 exactly in bf16 too."""
     ds = tmp_path / "bf16.json"
     ds.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}))
-    run(["--output-dir", str(tmp_path / "out"), "--config", str(ds), *SMALL, "--set", "train.epochs=1",
-         "--set", "train.steps_per_epoch=1"])  # later --set wins: K = 1, so kl is that of theta = ref
+    run(
+        [
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--config",
+            str(ds),
+            *SMALL,
+            "--set",
+            "train.epochs=1",
+            "--set",
+            "train.steps_per_epoch=1",
+        ]
+    )  # later --set wins: K = 1, so kl is that of theta = ref
     row = metrics(tmp_path / "out")[0]
     assert row["kl"] == 0.0 and row["clip_frac"] == 0.0 and math.isfinite(row["loss"])
 
@@ -182,6 +258,7 @@ def test_ddpo_and_prdp_train_on_the_tiny_demo_and_plot_on_one_figure(tmp_path, t
     state = json.loads((tmp_path / "ddpo" / "checkpoints" / "epoch_0011" / "trainer_state.json").read_text())
     assert state["algo"] == "ddpo" and len(state["ddpo_tracker"]["history"]) > 0
     from prdp_ds.plot import main as plot_main
+
     out = tmp_path / "compare.png"
     plot_main([f"prdp={tiny_demo_run}", f"ddpo={tmp_path / 'ddpo'}", "--out", str(out)])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
@@ -192,8 +269,17 @@ def test_ddpo_resume_restores_the_per_prompt_statistics(tmp_path):
     """Four prompts recur every epoch, so after epoch 1 advantages come from the tracker's history."""
     prompts = tmp_path / "p.txt"
     prompts.write_text("cat\ndog\nfox\nowl\n")
-    common = [*SMALL, "--set", "algo.name=ddpo", "--set", f"prompts.source={prompts}", "--set", "ddpo.buffer_size=8",
-              "--set", "ddpo.min_count=8"]
+    common = [
+        *SMALL,
+        "--set",
+        "algo.name=ddpo",
+        "--set",
+        f"prompts.source={prompts}",
+        "--set",
+        "ddpo.buffer_size=8",
+        "--set",
+        "ddpo.min_count=8",
+    ]
     straight, split = tmp_path / "straight", tmp_path / "split"
     run(["--output-dir", str(straight), "--set", "train.epochs=3", *common])
     run(["--output-dir", str(split), "--set", "train.epochs=2", *common])
@@ -207,8 +293,21 @@ def test_ddpo_resume_restores_the_per_prompt_statistics(tmp_path):
 @pytest.mark.slow
 def test_lora_run_starts_at_the_reference_and_saves_only_adapters(tmp_path):
     out = tmp_path / "lora"
-    run(["--output-dir", str(out), *SMALL, "--set", "train.epochs=2", "--set", "model.lora_rank=2",
-         "--set", "train.lr=0.01", "--set", "train.steps_per_epoch=1"])  # later --set wins: K = 1
+    run(
+        [
+            "--output-dir",
+            str(out),
+            *SMALL,
+            "--set",
+            "train.epochs=2",
+            "--set",
+            "model.lora_rank=2",
+            "--set",
+            "train.lr=0.01",
+            "--set",
+            "train.steps_per_epoch=1",
+        ]
+    )  # later --set wins: K = 1
     rows = metrics(out)
     assert rows[0]["kl"] == 0.0 and rows[0]["clip_frac"] == 0.0  # step 1 of epoch 0: theta = ref exactly
     assert rows[1]["kl"] != 0.0  # the adapters moved

@@ -1,4 +1,5 @@
 """The two-pass step through a DeepSpeed ZeRO-2 engine equals full-graph autograd (docs/design.md §7, §8)."""
+
 import copy
 
 import pytest
@@ -17,27 +18,46 @@ def full_graph_grad(unet, models, traj, rewards, cfg):
     return torch.cat([p.grad.flatten() for p in unet.parameters()])
 
 
-@pytest.mark.parametrize("steps_per_chunk,images_per_chunk,impl,checkpointing",
-                         [(1, 2, "torch", False), (3, 6, "torch", False), (4, 4, "torch", False),
-                          (3, 4, "triton", False), (2, 3, "torch", True)])
-def test_two_pass_equals_full_graph_over_two_steps(world, rollout, steps_per_chunk, images_per_chunk, impl,
-                                                   checkpointing, monkeypatch):
+@pytest.mark.parametrize(
+    "steps_per_chunk,images_per_chunk,impl,checkpointing",
+    [
+        (1, 2, "torch", False),
+        (3, 6, "torch", False),
+        (4, 4, "torch", False),
+        (3, 4, "triton", False),
+        (2, 3, "torch", True),
+    ],
+)
+def test_two_pass_equals_full_graph_over_two_steps(
+    world, rollout, steps_per_chunk, images_per_chunk, impl, checkpointing, monkeypatch
+):
     models, traj, rewards = rollout
     calls = []
     real_checkpoint = torch.utils.checkpoint.checkpoint
-    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint",
-                        lambda *a, **k: calls.append(k.get("use_reentrant")) or real_checkpoint(*a, **k))
+    monkeypatch.setattr(
+        torch.utils.checkpoint,
+        "checkpoint",
+        lambda *a, **k: calls.append(k.get("use_reentrant")) or real_checkpoint(*a, **k),
+    )
     cfg = _cfg(steps_per_chunk, images_per_chunk, clip_range=2e-3)
     lr = 1e-4
     engine, opt = _engine(models, cfg, lr, checkpointing=checkpointing)
     assert engine.gradient_accumulation_steps() == -(-G * B // images_per_chunk) * -(-T // steps_per_chunk)
     ref = copy.deepcopy(models.unet)
     for k in range(2):  # K = 2: the second step runs pass 1 at theta != theta_old
-        stats = prdp_step(engine, traj, rewards, models.encode_prompts(traj.flat_prompts),
-                          models.encode_prompts([""]), cfg, impl, first_step=k == 0)
+        stats = prdp_step(
+            engine,
+            traj,
+            rewards,
+            models.encode_prompts(traj.flat_prompts),
+            models.encode_prompts([""]),
+            cfg,
+            impl,
+            first_step=k == 0,
+        )
         assert "skipped" not in stats
         want = full_graph_grad(ref, models, traj, rewards, cfg)
-        got = opt.seen[k][:want.numel()]
+        got = opt.seen[k][: want.numel()]
         assert len(opt.seen) == k + 1, "exactly one optimizer step per prdp_step"
         assert _rel(got, want) < 1e-4, f"step {k}: two-pass gradient differs from full graph"
         with torch.no_grad():
@@ -53,17 +73,35 @@ def test_with_one_step_per_epoch_the_clip_changes_nothing(world, rollout):
     for clip in (0.0, 1e9):
         cfg = _cfg(2, 3, clip)
         engine, opt = _engine(models, cfg, 1e-4)
-        prdp_step(engine, traj, rewards, models.encode_prompts(traj.flat_prompts),
-                  models.encode_prompts([""]), cfg, "torch", first_step=True)
+        prdp_step(
+            engine,
+            traj,
+            rewards,
+            models.encode_prompts(traj.flat_prompts),
+            models.encode_prompts([""]),
+            cfg,
+            "torch",
+            first_step=True,
+        )
         grads.append(opt.seen[0])
     assert _rel(grads[0], grads[1]) < 1e-6
     second = []
     for clip in (0.0, 1e9):  # at a second step (theta != theta_old) the clip does change the gradient
         cfg = _cfg(2, 3, clip)
-        engine, opt = _engine(models, cfg, 0.0, max_change=1e-4)  # a small first step: the clip holds the pairs it improved
+        engine, opt = _engine(
+            models, cfg, 0.0, max_change=1e-4
+        )  # a small first step: the clip holds the pairs it improved
         for k in range(2):
-            prdp_step(engine, traj, rewards, models.encode_prompts(traj.flat_prompts),
-                      models.encode_prompts([""]), cfg, "torch", first_step=k == 0)
+            prdp_step(
+                engine,
+                traj,
+                rewards,
+                models.encode_prompts(traj.flat_prompts),
+                models.encode_prompts([""]),
+                cfg,
+                "torch",
+                first_step=k == 0,
+            )
         second.append(opt.seen[1])
     assert _rel(second[0], second[1]) > 1e-3
 
@@ -74,14 +112,30 @@ def test_non_finite_reward_or_loss_skips_the_step(world, rollout):
     engine, opt = _engine(models, cfg, 1e-4)
     bad = rewards.clone()
     bad[0, 0] = float("inf")
-    stats = prdp_step(engine, traj, bad, models.encode_prompts(traj.flat_prompts),
-                      models.encode_prompts([""]), cfg, "torch", first_step=True)
+    stats = prdp_step(
+        engine,
+        traj,
+        bad,
+        models.encode_prompts(traj.flat_prompts),
+        models.encode_prompts([""]),
+        cfg,
+        "torch",
+        first_step=True,
+    )
     assert stats["skipped"] == "reward" and opt.seen == []
     broken = copy.copy(traj)
     broken.log_ratio_old = traj.log_ratio_old.clone()
     broken.log_ratio_old[1, 2, 0] = float("nan")
-    stats = prdp_step(engine, broken, rewards, models.encode_prompts(traj.flat_prompts),
-                      models.encode_prompts([""]), cfg, "torch", first_step=True)
+    stats = prdp_step(
+        engine,
+        broken,
+        rewards,
+        models.encode_prompts(traj.flat_prompts),
+        models.encode_prompts([""]),
+        cfg,
+        "torch",
+        first_step=True,
+    )
     assert stats["skipped"] == "loss" and opt.seen == []
 
 
@@ -96,9 +150,18 @@ def test_non_finite_gradient_skips_the_step(world, rollout, stage):
     ds = build_ds_config({"zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True}, cfg, 1)
     engine = make_engine(unet, ds, opt)
     before = [p.detach().clone() for p in models.unet.parameters()]
-    stats = prdp_step(engine, traj, rewards, models.encode_prompts(traj.flat_prompts),
-                      models.encode_prompts([""]), cfg, "torch", first_step=True)
+    stats = prdp_step(
+        engine,
+        traj,
+        rewards,
+        models.encode_prompts(traj.flat_prompts),
+        models.encode_prompts([""]),
+        cfg,
+        "torch",
+        first_step=True,
+    )
     assert stats["skipped"] == "grad_norm" and opt.seen == []
     import deepspeed
+
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
         assert all(torch.equal(a, p) for a, p in zip(before, engine.module.parameters()))

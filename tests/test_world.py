@@ -1,4 +1,5 @@
 """The synthetic world (prdp_ds/world): scenes, captions, prompt sets, pretraining, shipped weights, rewards."""
+
 import pytest
 import torch
 
@@ -32,7 +33,7 @@ def test_rendered_pixels_match_labels():
     images, alpha = scenes.render(labels)
     n = images.shape[0]
     centre = (scenes.POSITION_XY[labels["position"]] + labels["offset"]).floor().long().clamp(0, 31)
-    pix = images[torch.arange(n), :, centre[:, 1], centre[:, 0]]          # (n, 3) at the shape's centre
+    pix = images[torch.arange(n), :, centre[:, 1], centre[:, 0]]  # (n, 3) at the shape's centre
     assert (pix - scenes.COLOUR_RGB[labels["colour"]]).abs().max() < 0.06
     grey = torch.tensor(scenes.BACKGROUND_GREY)[labels["background"]]
     corner_bg = alpha[:, 0, 0] == 0
@@ -48,14 +49,16 @@ def test_rendered_pixels_match_labels():
 
 def test_render_speed():
     import time
+
     start = time.perf_counter()
     scenes.render(scenes.sample_scenes(2000, 0))
     assert time.perf_counter() - start < 2.0  # thousands per second even on a busy CPU
 
 
 def test_prompt_sets():
-    small, large, seen, unseen = (load_prompts(n).prompts
-                                  for n in ("world_small", "world_large", "world_seen", "world_unseen"))
+    small, large, seen, unseen = (
+        load_prompts(n).prompts for n in ("world_small", "world_large", "world_seen", "world_unseen")
+    )
     assert 12 <= len(small) <= 24 and len(large) >= 1000 and len(unseen) >= 12 and len(seen) == len(unseen)
     assert len(set(large)) == len(large)
     pair = lambda p: (scenes.parse_caption(p)["colour"], scenes.parse_caption(p)["shape"])  # noqa: E731
@@ -84,22 +87,38 @@ def test_caption_parse_round_trip():
 
 def test_pretrain_loss_falls(tmp_path):
     from prdp_ds.world.pretrain import train
-    result = train(tmp_path, steps=20, batch_size=8, seed=0, lr=2e-3, warmup=5, progress=False,
-                   unet_overrides=dict(block_out_channels=(16, 16, 32)))  # the same loop, a narrower UNet
+
+    result = train(
+        tmp_path,
+        steps=20,
+        batch_size=8,
+        seed=0,
+        lr=2e-3,
+        warmup=5,
+        progress=False,
+        unet_overrides=dict(block_out_channels=(16, 16, 32)),
+    )  # the same loop, a narrower UNet
     losses = result["losses"]
     assert len(losses) == 20 and all(torch.isfinite(torch.tensor(losses)))
     first, last = sum(losses[:6]) / 6, sum(losses[-6:]) / 6
     print(f"pretrain loss: first 6 steps {first:.3f}, last 6 steps {last:.3f}")
     assert last < 0.85 * first, (first, last)
-    assert {"unet.safetensors", "text_encoder.safetensors", "training.json", "loss.png"} <= {p.name for p in tmp_path.iterdir()}
+    assert {"unet.safetensors", "text_encoder.safetensors", "training.json", "loss.png"} <= {
+        p.name for p in tmp_path.iterdir()
+    }
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(high_noise_weight=0.5), "high_noise_weight must be >= 1, got 0.5"),
-    (dict(plain_share=-0.1), r"plain_share must be in \[0, 1\], got -0.1"),
-    (dict(plain_share=1.5), r"plain_share must be in \[0, 1\], got 1.5")])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(high_noise_weight=0.5), "high_noise_weight must be >= 1, got 0.5"),
+        (dict(plain_share=-0.1), r"plain_share must be in \[0, 1\], got -0.1"),
+        (dict(plain_share=1.5), r"plain_share must be in \[0, 1\], got 1.5"),
+    ],
+)
 def test_pretrain_refuses_bad_loss_settings(kwargs, message):
     from prdp_ds.world.pretrain import train
+
     with pytest.raises(ValueError, match=message):
         train(steps=1, progress=False, **kwargs)
 
@@ -110,6 +129,7 @@ def test_pretrain_mixed_loss(n, share):
     """The loss against its definition in fp64: (1 - s) x the w-weighted mean of the per-sample MSE + s x its
     plain mean; s = 0 is the weighted mean alone, s = 1 the plain mean alone."""
     from prdp_ds.world.pretrain import mixed_loss
+
     g = torch.Generator().manual_seed(n)
     mse = torch.rand(n, generator=g, dtype=torch.float64)
     w = 1 + 29 * torch.rand(n, generator=g, dtype=torch.float64)
@@ -120,15 +140,18 @@ def test_pretrain_mixed_loss(n, share):
 
 
 needs_weights = pytest.mark.skipif(not (WEIGHTS_DIR / "unet.safetensors").is_file(), reason="no shipped world weights")
-needs_classifier = pytest.mark.skipif(not (WEIGHTS_DIR / "classifier.safetensors").is_file(),
-                                      reason="no shipped world classifier")
+needs_classifier = pytest.mark.skipif(
+    not (WEIGHTS_DIR / "classifier.safetensors").is_file(), reason="no shipped world classifier"
+)
 
 
 @needs_weights
 def test_shipped_weights_load_and_sample():
     import os
+
     from prdp_ds.sampler import sample
     from prdp_ds.world.model import build_world_models
+
     total = sum(os.path.getsize(WEIGHTS_DIR / f) for f in ("unet.safetensors", "text_encoder.safetensors"))
     assert total <= 10 * 2**20
     models = build_world_models()
@@ -136,14 +159,23 @@ def test_shipped_weights_load_and_sample():
     traj = sample(models, ["a large red circle in the centre"], torch.tensor([[1, 2]]), num_steps=3, guidance_scale=3.0)
     assert traj.images.shape == (1, 2, 3, 32, 32) and torch.isfinite(traj.images).all()
     assert torch.isfinite(traj.log_ratio_old).all()
-    assert all(torch.equal(a, b) for a, b in zip(models.unet.state_dict().values(), models.ref_unet.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(models.unet.state_dict().values(), models.ref_unet.state_dict().values())
+    )
 
 
 @needs_weights
 @needs_classifier
-@pytest.mark.parametrize("attribute, template, least", [
-    ("colour", "a large {} square", 0.9), ("shape", "a large blue {}", 0.9), ("size", "a {} red circle", 0.9),
-    ("background", "a green triangle on a {} background", 0.65), ("position", "a large yellow circle in the {}", 0.35)])
+@pytest.mark.parametrize(
+    "attribute, template, least",
+    [
+        ("colour", "a large {} square", 0.9),
+        ("shape", "a large blue {}", 0.9),
+        ("size", "a {} red circle", 0.9),
+        ("background", "a green triangle on a {} background", 0.65),
+        ("position", "a large yellow circle in the {}", 0.35),
+    ],
+)
 def test_shipped_model_follows_each_attribute_word(attribute, template, least):
     """Prompts that differ in one attribute word only, 8 samples each (20 DDIM steps, guidance 3): the judge
     reads the stated value at least `least` of the time (measured 2026-11-30: colour 1.00, shape 0.96, size 1.00,
@@ -153,6 +185,7 @@ def test_shipped_model_follows_each_attribute_word(attribute, template, least):
     from prdp_ds.sampler import sample
     from prdp_ds.world.classifier import load_classifier, predict
     from prdp_ds.world.model import build_world_models
+
     models = build_world_models(reference=False)
     values = scenes.ATTRIBUTES[attribute]
     prompts = [template.format(v) for v in values]
@@ -171,6 +204,7 @@ def test_pooled_vae_round_trip(n):
     """encode = 2x2 mean of the [-1, 1] image (checked in fp64), decode = bilinear upsampling back to 32x32:
     a constant image survives exactly, a scene comes back close."""
     from prdp_ds.world.model import PooledVAE
+
     vae = PooledVAE()
     images, _ = scenes.render(scenes.sample_scenes(n, 7))
     z = vae.encode(images)
@@ -180,7 +214,7 @@ def test_pooled_vae_round_trip(n):
     torch.testing.assert_close(z.double(), expected, rtol=0, atol=1e-6)
     back = vae.decode(z).sample
     assert back.shape == (n, 3, 32, 32)
-    assert ((back / 2 + 0.5 - images) ** 2).mean() < 0.005   # [0, 1] scale; 0.0016 over 2,000 scenes
+    assert ((back / 2 + 0.5 - images) ** 2).mean() < 0.005  # [0, 1] scale; 0.0016 over 2,000 scenes
     flat = torch.full((n, 3, 32, 32), 0.3)
     torch.testing.assert_close(vae.decode(vae.encode(flat)).sample, flat * 2 - 1)
 
@@ -190,6 +224,7 @@ def test_classifier_reads_the_latent_round_trip():
     """What the world model can draw is decode(latent); the judge must read it as well as a render."""
     from prdp_ds.world.classifier import load_classifier, predict
     from prdp_ds.world.model import PooledVAE
+
     labels = scenes.sample_scenes(300, 4321, include_held_out=True)
     images, _ = scenes.render(labels)
     vae = PooledVAE()
@@ -206,8 +241,12 @@ def test_aesthetic_reward_ignores_prompt():
     assert total_a.shape == (8,) and torch.equal(total_a, total_b)
     assert ((total_a >= 0) & (total_a <= 1)).all()
     # the hack: a large centred scene beats a small one in a corner, whatever was asked for
-    big = scenes.scenes_from_attributes([dict(colour="red", shape="square", size="large", position="centre")], jitter=False)
-    tiny = scenes.scenes_from_attributes([dict(colour="red", shape="square", size="small", position="top left")], jitter=False)
+    big = scenes.scenes_from_attributes(
+        [dict(colour="red", shape="square", size="large", position="centre")], jitter=False
+    )
+    tiny = scenes.scenes_from_attributes(
+        [dict(colour="red", shape="square", size="small", position="top left")], jitter=False
+    )
     big_score, _ = reward(scenes.render(big)[0], ["a small red square in the top left"])
     tiny_score, _ = reward(scenes.render(tiny)[0], ["a small red square in the top left"])
     assert big_score > tiny_score
@@ -216,6 +255,7 @@ def test_aesthetic_reward_ignores_prompt():
 @needs_classifier
 def test_alignment_reward_and_judge():
     from prdp_ds.world.rewards import judge_accuracy
+
     labels = scenes.sample_scenes(200, 123, include_held_out=True)
     images, _ = scenes.render(labels)
     own = scenes.captions(labels, seed=3)

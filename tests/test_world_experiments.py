@@ -1,5 +1,6 @@
 """The paper-in-miniature experiments (prdp_ds/world/experiments.py): every experiment's machinery,
 shortened (--quick), and the aggregation over seeds. The science is in results/world/, not here."""
+
 import json
 import math
 
@@ -56,8 +57,10 @@ def test_quick_experiment_writes_finite_results(name, tmp_path, world):
 
 def _eval(base, prdp):
     cell = lambda m: {s: {"mean": m} for s in ex.SCORES}  # noqa: E731
-    return {"results": {"base": {"world_small": cell(base)}, "prdp": {"world_small": cell(prdp)}},
-            "vs_base": {"prdp": {"world_small": cell(prdp - base)}}}
+    return {
+        "results": {"base": {"world_small": cell(base)}, "prdp": {"world_small": cell(prdp)}},
+        "vs_base": {"prdp": {"world_small": cell(prdp - base)}},
+    }
 
 
 def test_aggregate_is_the_mean_and_standard_error_across_seeds():

@@ -8,6 +8,7 @@ must know them) with augmentations that mimic a diffusion model's output (Gaussi
 contrast/brightness jitter). Writes classifier.safetensors and classifier.json (held-out accuracy
 per attribute on clean and on noisy renders of fresh seeds, the command, steps, time, date).
 """
+
 import argparse
 import datetime
 import json
@@ -35,8 +36,16 @@ class SceneClassifier(nn.Module):
         w = width
 
         def block(i, o):
-            return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(),
-                                 nn.Conv2d(o, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(), nn.MaxPool2d(2))
+            return nn.Sequential(
+                nn.Conv2d(i, o, 3, padding=1),
+                nn.BatchNorm2d(o),
+                nn.ReLU(),
+                nn.Conv2d(o, o, 3, padding=1),
+                nn.BatchNorm2d(o),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+            )
+
         self.features = nn.Sequential(block(5, w), block(w, 2 * w), block(2 * w, 2 * w))  # 32 -> 4
         self.fc = nn.Sequential(nn.Flatten(), nn.Linear(2 * w * 16, 128), nn.ReLU())
         self.heads = nn.ModuleDict({k: nn.Linear(128, n) for k, n in HEADS.items()})
@@ -70,7 +79,7 @@ def predict(model, images, batch_size=256):
     outs = []
     with torch.no_grad():
         for lo in range(0, images.shape[0], batch_size):
-            outs.append({k: v.softmax(-1) for k, v in model(images[lo:lo + batch_size]).items()})
+            outs.append({k: v.softmax(-1) for k, v in model(images[lo : lo + batch_size]).items()})
     return {k: torch.cat([o[k] for o in outs]) for k in HEADS}
 
 
@@ -96,6 +105,7 @@ def train(steps=1200, batch_size=64, lr=2e-3, seed=0, progress=True):
     model.train()
     losses = []
     from tqdm import tqdm
+
     for step in tqdm(range(steps), desc="classifier", disable=not progress, mininterval=5):
         labels = scenes.sample_scenes(batch_size, seed=(seed * 7_919 + step) % 2**62, include_held_out=True)
         images, _ = scenes.render(labels)
@@ -112,6 +122,7 @@ def train(steps=1200, batch_size=64, lr=2e-3, seed=0, progress=True):
 
 def save(model, out, record):
     from safetensors.torch import save_file
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "classifier.safetensors"))
@@ -124,12 +135,15 @@ _CACHE = {}
 def load_classifier(weights=None, device="cpu"):
     """The shipped (or given) classifier, eval mode, frozen; cached per (path, device)."""
     from safetensors.torch import load_file
+
     path = Path(weights or WEIGHTS_DIR) / "classifier.safetensors"
     key = (str(path), str(device))
     if key not in _CACHE:
         if not path.is_file():
-            raise FileNotFoundError(f"world classifier weights {path} not found; train them with "
-                                    f"`python -m prdp_ds.world.classifier --out {path.parent}`")
+            raise FileNotFoundError(
+                f"world classifier weights {path} not found; train them with "
+                f"`python -m prdp_ds.world.classifier --out {path.parent}`"
+            )
         model = SceneClassifier()
         model.load_state_dict(load_file(str(path)))
         _CACHE[key] = model.to(device).eval().requires_grad_(False)
@@ -149,17 +163,26 @@ def main(argv=None):
     model, losses = train(args.steps, args.batch_size, seed=args.seed)
     wall = time.time() - start
     clean, noisy = accuracy(model), accuracy(model, noisy=True)
-    record = dict(command="python -m prdp_ds.world.classifier " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-                  steps=args.steps, batch_size=args.batch_size, seed=args.seed, wall_s=round(wall, 1),
-                  final_loss_mean_last_50=sum(losses[-50:]) / len(losses[-50:]),
-                  heldout_accuracy_clean=clean, heldout_accuracy_noisy=noisy,
-                  heldout="4000 fresh scenes (seed 10000019, all colour/shape pairs); noisy = training augmentations",
-                  params=sum(p.numel() for p in model.parameters()),
-                  date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  machine=platform.node())
+    record = dict(
+        command="python -m prdp_ds.world.classifier " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        wall_s=round(wall, 1),
+        final_loss_mean_last_50=sum(losses[-50:]) / len(losses[-50:]),
+        heldout_accuracy_clean=clean,
+        heldout_accuracy_noisy=noisy,
+        heldout="4000 fresh scenes (seed 10000019, all colour/shape pairs); noisy = training augmentations",
+        params=sum(p.numel() for p in model.parameters()),
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        machine=platform.node(),
+    )
     save(model, args.out, record)
-    print(json.dumps({k: record[k] for k in ("steps", "wall_s", "heldout_accuracy_clean", "heldout_accuracy_noisy")},
-                     indent=1))
+    print(
+        json.dumps(
+            {k: record[k] for k in ("steps", "wall_s", "heldout_accuracy_clean", "heldout_accuracy_noisy")}, indent=1
+        )
+    )
 
 
 if __name__ == "__main__":

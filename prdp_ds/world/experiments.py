@@ -18,6 +18,7 @@ kept, an unfinished one resumed from its latest checkpoint, the evaluation from 
 
 Runs in one process on the CPU (the world is small); it holds one process group for all its runs.
 """
+
 import argparse
 import dataclasses
 import datetime
@@ -36,57 +37,85 @@ from prdp_ds import config as config_lib
 
 SCORES = ("world_alignment", "world_judge", "world_aesthetic")
 EVAL_REWARD = "{world_alignment: 1.0, world_judge: 0.0, world_aesthetic: 0.0}"
-AESTHETIC = ["reward={world_aesthetic: 1.0, world_alignment: 0.0, world_judge: 0.0}",
-             "train.epochs=8"]  # 4 arms: 8 epochs each keeps a seed near the 15-minute budget
+AESTHETIC = [
+    "reward={world_aesthetic: 1.0, world_alignment: 0.0, world_judge: 0.0}",
+    "train.epochs=8",
+]  # 4 arms: 8 epochs each keeps a seed near the 15-minute budget
 DDPO = ["algo.name=ddpo"]  # same lr, sampler, prompts and reward queries as PRDP
 NO_CLIP = ["loss.clip_range=1.0e9"]
-QUICK = ["train.epochs=1", "train.steps_per_epoch=1", "train.prompts_per_epoch=2", "train.images_per_prompt=2",
-         "sampler.num_steps=2", "train.images_per_chunk=4", "train.steps_per_chunk=2", "output.sample_every=1",
-         "output.eval_images=1"]
+QUICK = [
+    "train.epochs=1",
+    "train.steps_per_epoch=1",
+    "train.prompts_per_epoch=2",
+    "train.images_per_prompt=2",
+    "sampler.num_steps=2",
+    "train.images_per_chunk=4",
+    "train.steps_per_chunk=2",
+    "output.sample_every=1",
+    "output.eval_images=1",
+]
 QUICK_EVAL = ["--max-prompts", "2"]  # and 1 image per prompt
 
 
 @dataclasses.dataclass(frozen=True)
 class Experiment:
     title: str
-    claim: str                    # the paper's claim this experiment checks
-    arms: dict                    # label -> (training preset, [--set overrides])
-    prompt_sets: tuple            # evaluation prompt sets (registered names)
-    samples: int = 8              # evaluation images per prompt per model
+    claim: str  # the paper's claim this experiment checks
+    arms: dict  # label -> (training preset, [--set overrides])
+    prompt_sets: tuple  # evaluation prompt sets (registered names)
+    samples: int = 8  # evaluation images per prompt per model
 
 
 EXPERIMENTS = {
     "E1": Experiment(
         "small scale: PRDP vs DDPO vs base on world_small, alignment reward (paper Table 1)",
         "PRDP reaches a higher reward than DDPO on the training prompts, and both beat the base model.",
-        {"prdp": ("world", []), "ddpo": ("world", DDPO)}, ("world_small",)),
+        {"prdp": ("world", []), "ddpo": ("world", DDPO)},
+        ("world_small",),
+    ),
     "E2": Experiment(
         "large scale: world_large, seen and unseen prompts; DDPO with and without per-prompt normalization "
         "(paper Table 2, Fig. 9)",
         "PRDP trains stably at large scale and generalizes to unseen prompts; DDPO falls behind, and "
         "without per-prompt normalization it does worse.",
-        {"prdp": ("world_large", []), "ddpo": ("world_large", DDPO),
-         "ddpo_no_norm": ("world_large", DDPO + ["ddpo.per_prompt_norm=false"])}, ("world_seen", "world_unseen")),
+        {
+            "prdp": ("world_large", []),
+            "ddpo": ("world_large", DDPO),
+            "ddpo_no_norm": ("world_large", DDPO + ["ddpo.per_prompt_norm=false"]),
+        },
+        ("world_seen", "world_unseen"),
+    ),
     "E3": Experiment(
         "KL regularization against reward hacking: the image-only aesthetic reward, PRDP at three beta, "
         "and DDPO (paper Fig. 8, 10)",
         "Smaller beta raises the reward faster; larger beta keeps the samples closer to the base model "
         "(here: the judge's accuracy on the prompts falls less).",
-        {"prdp_beta_0.01": ("world", AESTHETIC + ["loss.kl_weight=0.01"]),
-         "prdp_beta_0.05": ("world", AESTHETIC + ["loss.kl_weight=0.05"]),
-         "prdp_beta_0.25": ("world", AESTHETIC + ["loss.kl_weight=0.25"]),
-         "ddpo": ("world", AESTHETIC + DDPO)}, ("world_small",)),
+        {
+            "prdp_beta_0.01": ("world", AESTHETIC + ["loss.kl_weight=0.01"]),
+            "prdp_beta_0.05": ("world", AESTHETIC + ["loss.kl_weight=0.05"]),
+            "prdp_beta_0.25": ("world", AESTHETIC + ["loss.kl_weight=0.25"]),
+            "ddpo": ("world", AESTHETIC + DDPO),
+        },
+        ("world_small",),
+    ),
     "E4": Experiment(
         "online vs offline, same reward queries and gradient steps (paper Fig. 7)",
         "Online training reaches a clearly higher reward than offline training on trajectories sampled "
         "once from the base model.",
-        {"online": ("world", []), "offline": ("world", ["algo.online=false"])}, ("world_small",)),
+        {"online": ("world", []), "offline": ("world", ["algo.online=false"])},
+        ("world_small",),
+    ),
     "E5": Experiment(
         "the proximal clip, small and large scale (paper Table 5)",
         "Removing the proximal clip lowers the reward (training is less stable), at both scales.",
-        {"small_clip": ("world", []), "small_no_clip": ("world", NO_CLIP),
-         "large_clip": ("world_large", []), "large_no_clip": ("world_large", NO_CLIP)},
-        ("world_small", "world_seen")),
+        {
+            "small_clip": ("world", []),
+            "small_no_clip": ("world", NO_CLIP),
+            "large_clip": ("world_large", []),
+            "large_no_clip": ("world_large", NO_CLIP),
+        },
+        ("world_small", "world_seen"),
+    ),
 }
 
 
@@ -98,10 +127,13 @@ def arm_overrides(exp, arm, seed, quick):
 def train_arm(run_dir, preset, overrides):
     """Train one arm into run_dir unless finished there; resume an unfinished run from its checkpoint."""
     from prdp_ds.train import main as train_main
+
     epochs = config_lib.resolve(preset, None, overrides).train.epochs
     metrics = run_dir / "metrics.jsonl"
     checkpointed = (run_dir / "checkpoints" / "latest").is_file()
-    if checkpointed and any(json.loads(line)["epoch"] == epochs - 1 for line in metrics.read_text().splitlines() if line):
+    if checkpointed and any(
+        json.loads(line)["epoch"] == epochs - 1 for line in metrics.read_text().splitlines() if line
+    ):
         return
     if not checkpointed and run_dir.exists():
         shutil.rmtree(run_dir)  # a run that never checkpointed: start it again from scratch
@@ -111,10 +143,21 @@ def train_arm(run_dir, preset, overrides):
 
 def evaluate_seed(exp, out, seed, quick):
     from prdp_ds.evaluate import main as evaluate_main
+
     first = next(iter(exp.arms))
     samples = 1 if quick else exp.samples
-    argv = ["--train-config", str(out / "runs" / first / f"seed_{seed}" / "config.yaml"), "--seed", str(seed),
-            "--reward", EVAL_REWARD, "--samples", str(samples), "--output-dir", str(out / "eval" / f"seed_{seed}")]
+    argv = [
+        "--train-config",
+        str(out / "runs" / first / f"seed_{seed}" / "config.yaml"),
+        "--seed",
+        str(seed),
+        "--reward",
+        EVAL_REWARD,
+        "--samples",
+        str(samples),
+        "--output-dir",
+        str(out / "eval" / f"seed_{seed}"),
+    ]
     argv += [a for arm in exp.arms for a in ("--model", f"{arm}={out / 'runs' / arm / f'seed_{seed}'}")]
     argv += [a for s in exp.prompt_sets for a in ("--prompts", s)]
     evaluate_main(argv + (QUICK_EVAL if quick else []))
@@ -150,10 +193,16 @@ def _fmt(x):
 
 
 def markdown(name, exp, results, meta):
-    lines = [f"# {name}: {exp.title}", "", f"Paper's claim: {exp.claim}", "",
-             f"Seeds {meta['seeds']}; cells are the mean over seeds ± the standard error across seeds; in brackets, "
-             "the paired difference to the base model (same prompts and noise). Each seed's evaluation: "
-             f"{meta['samples']} images per prompt per model.", ""]
+    lines = [
+        f"# {name}: {exp.title}",
+        "",
+        f"Paper's claim: {exp.claim}",
+        "",
+        f"Seeds {meta['seeds']}; cells are the mean over seeds ± the standard error across seeds; in brackets, "
+        "the paired difference to the base model (same prompts and noise). Each seed's evaluation: "
+        f"{meta['samples']} images per prompt per model.",
+        "",
+    ]
     sets = list(exp.prompt_sets)
     for score in SCORES:
         lines += [f"## {score}", "", "| model | " + " | ".join(sets) + " |", "|---|" + "---|" * len(sets)]
@@ -165,15 +214,22 @@ def markdown(name, exp, results, meta):
                 cells.append(f"{c['mean']:.3f} ± {_fmt(c['se'])}{diff}")
             lines.append(f"| {model} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["## Provenance", "", f"- command: `{meta['command']}`", f"- date: {meta['date']}",
-              f"- machine: {meta['machine']}",
-              f"- wall time per seed in this invocation (s; finished runs are skipped): {meta['seed_wall_s']}", ""]
+    lines += [
+        "## Provenance",
+        "",
+        f"- command: `{meta['command']}`",
+        f"- date: {meta['date']}",
+        f"- machine: {meta['machine']}",
+        f"- wall time per seed in this invocation (s; finished runs are skipped): {meta['seed_wall_s']}",
+        "",
+    ]
     return "\n".join(lines)
 
 
 def run(name, seeds, out, quick=False):
     from prdp_ds.engine import init_distributed
     from prdp_ds.plot import plot_runs
+
     exp = EXPERIMENTS[name]
     out = Path(out)
     init_distributed()  # one group for every run of this process (DeepSpeed caches its groups)
@@ -186,16 +242,25 @@ def run(name, seeds, out, quick=False):
         evals.append(evaluate_seed(exp, out, seed, quick))
         seed_wall[seed] = round(time.time() - start, 1)
     results = aggregate(evals)
-    meta = {"experiment": name, "seeds": list(seeds), "quick": quick, "samples": evals[0]["settings"]["samples"],
-            "command": shlex.join(["python", "-m", "prdp_ds.world.experiments", *sys.argv[1:]]),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": f"{platform.node()}, {platform.platform()}, {torch.get_num_threads()} torch threads, "
-                       f"torch {torch.__version__}",
-            "seed_wall_s": seed_wall, "arms": {a: list(v) for a, v in exp.arms.items()}}
+    meta = {
+        "experiment": name,
+        "seeds": list(seeds),
+        "quick": quick,
+        "samples": evals[0]["settings"]["samples"],
+        "command": shlex.join(["python", "-m", "prdp_ds.world.experiments", *sys.argv[1:]]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.node()}, {platform.platform()}, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}",
+        "seed_wall_s": seed_wall,
+        "arms": {a: list(v) for a, v in exp.arms.items()},
+    }
     (out / "results.json").write_text(json.dumps({"meta": meta, "claim": exp.claim, "results": results}, indent=1))
     (out / "results.md").write_text(markdown(name, exp, results, meta))
-    plot_runs({arm: [out / "runs" / arm / f"seed_{s}" for s in seeds] for arm in exp.arms}, out / "curves.png",
-              ["reward_mean", "eval/reward_mean", *[f"eval/{s}" for s in SCORES], "kl", "loss"])
+    plot_runs(
+        {arm: [out / "runs" / arm / f"seed_{s}" for s in seeds] for arm in exp.arms},
+        out / "curves.png",
+        ["reward_mean", "eval/reward_mean", *[f"eval/{s}" for s in SCORES], "kl", "loss"],
+    )
     for grid in (out / "eval" / f"seed_{seeds[0]}" / "grids").glob("*.png"):
         shutil.copyfile(grid, out / f"grid_{grid.name}")
     print((out / "results.md").read_text(), flush=True)
@@ -203,8 +268,9 @@ def run(name, seeds, out, quick=False):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="prdp_ds.world.experiments", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="prdp_ds.world.experiments", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("experiment", nargs="?", help=f"one of {', '.join(EXPERIMENTS)}")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", help="output folder (default: results/world/EXPERIMENT)")
@@ -213,8 +279,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.list:
         for name, exp in EXPERIMENTS.items():
-            print(f"{name}: {exp.title}\n  arms: " + "; ".join(f"{a} = {pr} {' '.join(o)}".rstrip()
-                                                           for a, (pr, o) in exp.arms.items()))
+            print(
+                f"{name}: {exp.title}\n  arms: "
+                + "; ".join(f"{a} = {pr} {' '.join(o)}".rstrip() for a, (pr, o) in exp.arms.items())
+            )
         return
     if args.experiment not in EXPERIMENTS:
         p.error(f"experiment {args.experiment!r}: expected one of {', '.join(EXPERIMENTS)}")

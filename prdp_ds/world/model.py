@@ -13,6 +13,7 @@ Weights (from `python -m prdp_ds.world.pretrain`) live in prdp_ds/world/weights 
 (stored in fp16 to keep the folder small, loaded as fp32); `build_world_models()` loads them when
 present, `build_world_models(weights=False)` gives seeded random weights.
 """
+
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,8 +22,15 @@ import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 
-from prdp_ds.models import (SD14_SCHEDULER, ModelLoadError, Models, OpenClipTokenizer, _freeze, make_scheduler,
-                            reference_copy)
+from prdp_ds.models import (
+    SD14_SCHEDULER,
+    ModelLoadError,
+    Models,
+    OpenClipTokenizer,
+    _freeze,
+    make_scheduler,
+    reference_copy,
+)
 from prdp_ds.world.scenes import RES
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -32,14 +40,28 @@ TEXT_DIM = 32
 # step has alpha_bar ~ 4e-5, where SD v1.4's scaled-linear schedule (made for 64x64 latents) keeps
 # alpha_bar = 0.0047 and so leaks the image's mean colour into x_T. The DDIM/PRDP settings are SD's.
 SCHEDULER = {**SD14_SCHEDULER, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}
-LATENT_FACTOR = 2   # pixels per latent cell along each side
-UNET = dict(sample_size=RES // LATENT_FACTOR, in_channels=3, out_channels=3, block_out_channels=(32, 64, 64), layers_per_block=1,
-            # cross-attention (text) at 4x4 (the 16x16 latent halved twice) and in the mid block only
-            down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-            cross_attention_dim=TEXT_DIM, attention_head_dim=8, norm_num_groups=8)
-TEXT = dict(vocab_size=49408, hidden_size=TEXT_DIM, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=CONTEXT_LENGTH)
+LATENT_FACTOR = 2  # pixels per latent cell along each side
+UNET = dict(
+    sample_size=RES // LATENT_FACTOR,
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(32, 64, 64),
+    layers_per_block=1,
+    # cross-attention (text) at 4x4 (the 16x16 latent halved twice) and in the mid block only
+    down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+    cross_attention_dim=TEXT_DIM,
+    attention_head_dim=8,
+    norm_num_groups=8,
+)
+TEXT = dict(
+    vocab_size=49408,
+    hidden_size=TEXT_DIM,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=CONTEXT_LENGTH,
+)
 
 
 class PooledVAE(torch.nn.Module):
@@ -54,8 +76,9 @@ class PooledVAE(torch.nn.Module):
 
     def decode(self, z):
         """(n, 3, 16, 16) latents -> (n, 3, 32, 32) images in [-1, 1] (not clamped)."""
-        return SimpleNamespace(sample=F.interpolate(z, scale_factor=LATENT_FACTOR, mode="bilinear",
-                                                    align_corners=False))
+        return SimpleNamespace(
+            sample=F.interpolate(z, scale_factor=LATENT_FACTOR, mode="bilinear", align_corners=False)
+        )
 
     @staticmethod
     def encode(images):
@@ -69,6 +92,7 @@ def new_unet(**overrides):
 
 def new_text_encoder():
     from transformers import CLIPTextConfig, CLIPTextModel
+
     return CLIPTextModel(CLIPTextConfig(**TEXT))
 
 
@@ -82,30 +106,38 @@ def new_parts(seed=0, unet_overrides=None):
 def save_parts(out, unet, text_encoder):
     """Write unet.safetensors and text_encoder.safetensors (fp16) into `out`."""
     from safetensors.torch import save_file
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for name, module in (("unet", unet), ("text_encoder", text_encoder)):
-        state = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in module.state_dict().items()
-                 if v.is_floating_point()}
+        state = {
+            k: v.detach().to("cpu", torch.float16).contiguous()
+            for k, v in module.state_dict().items()
+            if v.is_floating_point()
+        }
         save_file(state, str(out / f"{name}.safetensors"), metadata={"format": "pt", "stored_dtype": "float16"})
 
 
 def load_parts(weights):
     """(unet, text_encoder) fp32 from a weights folder (safetensors only)."""
     from safetensors.torch import load_file
+
     weights = Path(weights)
     unet, text_encoder = new_parts(0)
     for name, module in (("unet", unet), ("text_encoder", text_encoder)):
         path = weights / f"{name}.safetensors"
         if not path.is_file():
-            raise ModelLoadError(f"world model: {path} not found; train it with "
-                                 f"`python -m prdp_ds.world.pretrain --out {weights}`")
+            raise ModelLoadError(
+                f"world model: {path} not found; train it with `python -m prdp_ds.world.pretrain --out {weights}`"
+            )
         state = {k: v.float() for k, v in load_file(str(path)).items()}
         missing, unexpected = module.load_state_dict(state, strict=False)
         missing = [k for k in missing if "position_ids" not in k]
         if missing or unexpected:
-            raise ModelLoadError(f"world model: {path} does not match the model config "
-                                 f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+            raise ModelLoadError(
+                f"world model: {path} does not match the model config "
+                f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
+            )
     return unet, text_encoder
 
 
@@ -119,9 +151,14 @@ def build_world_models(weights=None, seed=0, reference=True):
     else:
         unet, text_encoder = load_parts(WEIGHTS_DIR if weights is None else weights)
     unet.train()
-    return Models(unet=unet, ref_unet=reference_copy(unet, reference), vae=_freeze(PooledVAE()),
-                  text_encoder=_freeze(text_encoder), tokenizer=OpenClipTokenizer(CONTEXT_LENGTH),
-                  scheduler=make_scheduler(SCHEDULER))
+    return Models(
+        unet=unet,
+        ref_unet=reference_copy(unet, reference),
+        vae=_freeze(PooledVAE()),
+        text_encoder=_freeze(text_encoder),
+        tokenizer=OpenClipTokenizer(CONTEXT_LENGTH),
+        scheduler=make_scheduler(SCHEDULER),
+    )
 
 
 def config_dict():

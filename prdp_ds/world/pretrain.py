@@ -13,6 +13,7 @@ runs that showed both: prdp_ds/world/weights/README.md). Classifier-free guidanc
 steps), EMA weights (saved). Writes unet/text_encoder safetensors (fp16), training.json (command,
 seed, steps, losses, date, machine), README.md and loss.png into --out.
 """
+
 import argparse
 import datetime
 import json
@@ -27,10 +28,19 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from prdp_ds.world import scenes
-from prdp_ds.world.model import (CONTEXT_LENGTH, SCHEDULER, PooledVAE, config_dict, count_params, load_parts,
-                                 make_scheduler, new_parts, save_parts)
 from prdp_ds.models import OpenClipTokenizer
+from prdp_ds.world import scenes
+from prdp_ds.world.model import (
+    CONTEXT_LENGTH,
+    SCHEDULER,
+    PooledVAE,
+    config_dict,
+    count_params,
+    load_parts,
+    make_scheduler,
+    new_parts,
+    save_parts,
+)
 
 
 def lr_at(progress, step, base_lr, warmup):
@@ -43,9 +53,24 @@ def mixed_loss(mse, weight, plain_share):
     return (1 - plain_share) * (weight * mse).sum() / weight.sum() + plain_share * mse.mean()
 
 
-def train(out=None, minutes=None, steps=None, seed=0, batch_size=32, lr=1e-3, warmup=50, ema_decay=0.999,
-          cfg_dropout=0.1, high_noise_weight=30.0, log_every=50, progress=True, command=None, unet_overrides=None,
-          init=None, plain_share=0.5):
+def train(
+    out=None,
+    minutes=None,
+    steps=None,
+    seed=0,
+    batch_size=32,
+    lr=1e-3,
+    warmup=50,
+    ema_decay=0.999,
+    cfg_dropout=0.1,
+    high_noise_weight=30.0,
+    log_every=50,
+    progress=True,
+    command=None,
+    unet_overrides=None,
+    init=None,
+    plain_share=0.5,
+):
     """Train; returns a dict with the per-step losses and the (EMA) unet and text encoder.
     Stops at `steps` or after `minutes` of wall time, whichever comes first (at least one is needed).
     unet_overrides: UNet config changes (tests use a narrower UNet; the shipped model uses none).
@@ -70,7 +95,7 @@ def train(out=None, minutes=None, steps=None, seed=0, batch_size=32, lr=1e-3, wa
     tokenizer = OpenClipTokenizer(CONTEXT_LENGTH)
     abar = make_scheduler(SCHEDULER).alphas_cumprod.float()
     T = abar.shape[0]
-    weight_t = (abar / (1 - abar)).reciprocal().clamp(1.0, high_noise_weight)   # (T,)
+    weight_t = (abar / (1 - abar)).reciprocal().clamp(1.0, high_noise_weight)  # (T,)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     g = torch.Generator().manual_seed(seed + 1)
@@ -99,7 +124,7 @@ def train(out=None, minutes=None, steps=None, seed=0, batch_size=32, lr=1e-3, wa
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         emb = text_encoder(tokenizer(caps))[0]
         pred = unet(xt, t, emb).sample
-        mse = (pred - noise).pow(2).mean(dim=(1, 2, 3))                      # (batch,)
+        mse = (pred - noise).pow(2).mean(dim=(1, 2, 3))  # (batch,)
         loss = mixed_loss(mse, weight_t[t], plain_share)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -123,9 +148,24 @@ def train(out=None, minutes=None, steps=None, seed=0, batch_size=32, lr=1e-3, wa
     wall = time.time() - start
     result = dict(losses=losses, lrs=lrs, steps=step, wall_s=wall, unet=ema[0], text_encoder=ema[1])
     if out is not None:
-        write_outputs(out, result, dict(seed=seed, batch_size=batch_size, lr=lr, warmup=warmup, ema_decay=ema_decay,
-                                        cfg_dropout=cfg_dropout, high_noise_weight=high_noise_weight, plain_share=plain_share, minutes=minutes, max_steps=steps,
-                                        init=None if init is None else str(init)), command)
+        write_outputs(
+            out,
+            result,
+            dict(
+                seed=seed,
+                batch_size=batch_size,
+                lr=lr,
+                warmup=warmup,
+                ema_decay=ema_decay,
+                cfg_dropout=cfg_dropout,
+                high_noise_weight=high_noise_weight,
+                plain_share=plain_share,
+                minutes=minutes,
+                max_steps=steps,
+                init=None if init is None else str(init),
+            ),
+            command,
+        )
     return result
 
 
@@ -143,21 +183,35 @@ def write_outputs(out, result, settings, command):
     out = Path(out)
     save_parts(out, result["unet"], result["text_encoder"])
     losses = result["losses"]
-    tail = losses[-min(200, len(losses)):]
+    tail = losses[-min(200, len(losses)) :]
     record = dict(
         command=command or "python -m prdp_ds.world.pretrain " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-        settings=settings, steps=result["steps"], wall_s=round(result["wall_s"], 1),
-        final_loss_mean_last_200=sum(tail) / len(tail), first_loss=losses[0],
+        settings=settings,
+        steps=result["steps"],
+        wall_s=round(result["wall_s"], 1),
+        final_loss_mean_last_200=sum(tail) / len(tail),
+        first_loss=losses[0],
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        machine=dict(node=platform.node(), platform=platform.platform(), processor=platform.processor(),
-                     cpu_count=os.cpu_count(), torch=torch.__version__, torch_threads=torch.get_num_threads()),
+        machine=dict(
+            node=platform.node(),
+            platform=platform.platform(),
+            processor=platform.processor(),
+            cpu_count=os.cpu_count(),
+            torch=torch.__version__,
+            torch_threads=torch.get_num_threads(),
+        ),
         params=dict(unet=count_params(result["unet"]), text_encoder=count_params(result["text_encoder"])),
-        config=config_dict(), weights="EMA weights, stored as fp16 safetensors", losses=[round(x, 5) for x in losses])
+        config=config_dict(),
+        weights="EMA weights, stored as fp16 safetensors",
+        losses=[round(x, 5) for x in losses],
+    )
     (out / "training.json").write_text(json.dumps(record, indent=1))
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.plot(losses, lw=0.5, alpha=0.35, label="per step")
         ax.plot(smooth(losses, 50), lw=1.5, label="mean of 50")
@@ -172,6 +226,7 @@ def write_outputs(out, result, settings, command):
     except ImportError:
         pass
     from prdp_ds.world.report import write_readme
+
     write_readme(out)
     return record
 
@@ -185,23 +240,48 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--high-noise-weight", type=float, default=30.0,
-                   help="cap of the loss weight clamp(1/snr(t), 1, cap) (1: plain eps-MSE)")
-    p.add_argument("--plain-share", type=float, default=0.5,
-                   help="share s of the plain eps-MSE in the loss: (1 - s) weighted mean + s plain mean")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (1 is fastest on a shared 2-core machine: spin-waiting threads contend)")
+    p.add_argument(
+        "--high-noise-weight",
+        type=float,
+        default=30.0,
+        help="cap of the loss weight clamp(1/snr(t), 1, cap) (1: plain eps-MSE)",
+    )
+    p.add_argument(
+        "--plain-share",
+        type=float,
+        default=0.5,
+        help="share s of the plain eps-MSE in the loss: (1 - s) weighted mean + s plain mean",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (1 is fastest on a shared 2-core machine: spin-waiting threads contend)",
+    )
     p.add_argument("--init", help="continue from this weights folder (fresh optimizer)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.minutes is None and args.steps is None:
         p.error("give --minutes or --steps")
-    result = train(args.out, args.minutes, args.steps, args.seed, args.batch_size, args.lr, args.warmup,
-                   high_noise_weight=args.high_noise_weight, plain_share=args.plain_share, progress=not args.no_progress, init=args.init)
-    tail = result["losses"][-min(200, len(result["losses"])):]
-    print(f"done: {result['steps']} steps in {result['wall_s'] / 60:.1f} min, final loss {sum(tail) / len(tail):.4f}; "
-          f"weights in {args.out}")
+    result = train(
+        args.out,
+        args.minutes,
+        args.steps,
+        args.seed,
+        args.batch_size,
+        args.lr,
+        args.warmup,
+        high_noise_weight=args.high_noise_weight,
+        plain_share=args.plain_share,
+        progress=not args.no_progress,
+        init=args.init,
+    )
+    tail = result["losses"][-min(200, len(result["losses"])) :]
+    print(
+        f"done: {result['steps']} steps in {result['wall_s'] / 60:.1f} min, final loss {sum(tail) / len(tail):.4f}; "
+        f"weights in {args.out}"
+    )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ world_judge: 1 where the judge finds every stated attribute, else 0 (weight 0: l
 judge_accuracy(images, prompts): the fraction of images whose predicted attributes all match what
     their prompt states.
 """
+
 import torch
 
 from prdp_ds.world import scenes
@@ -25,7 +26,7 @@ def aesthetic_score(images):
     n, _, H, W = images.shape
     border = torch.cat([images[:, :, 0], images[:, :, -1], images[:, :, 1:-1, 0], images[:, :, 1:-1, -1]], -1)
     bg = border.median(-1).values.view(n, 3, 1, 1)
-    dist = (images - bg).norm(dim=1)                                   # (n, H, W)
+    dist = (images - bg).norm(dim=1)  # (n, H, W)
     mask = ((dist - 0.1) / 0.2).clamp(0, 1)
     area = mask.mean((1, 2))
     sat = images.amax(1) - images.amin(1)
@@ -37,8 +38,10 @@ def aesthetic_score(images):
     cx = (mask.sum(1) * xs).sum(1) / total
     centred = 1 - (cx**2 + cy**2).sqrt() / (0.5 * 2**0.5)
     centred = torch.where(area > 1e-4, centred, torch.zeros_like(centred))
-    tv = (images[:, :, 1:] - images[:, :, :-1]).abs().mean((1, 2, 3)) + (images[..., 1:] - images[..., :-1]).abs().mean((1, 2, 3))
-    clean = (1 - (tv - 0.08).clamp(min=0) / 0.5).clamp(0, 1)        # noise is not a 'large saturated shape'
+    tv = (images[:, :, 1:] - images[:, :, :-1]).abs().mean((1, 2, 3)) + (images[..., 1:] - images[..., :-1]).abs().mean(
+        (1, 2, 3)
+    )
+    clean = (1 - (tv - 0.08).clamp(min=0) / 0.5).clamp(0, 1)  # noise is not a 'large saturated shape'
     return clean * (0.4 * sat_fg + 0.35 * (area / 0.35).clamp(max=1) + 0.25 * centred)
 
 
@@ -96,6 +99,7 @@ def world_aesthetic(device="cpu"):
     @torch.no_grad()
     def reward(images, prompts):
         return aesthetic_score(images.to(device)).cpu()
+
     return reward
 
 
@@ -106,6 +110,7 @@ def _classifier_reward(score, weights, device):
     @torch.no_grad()
     def reward(images, prompts):
         return score(images.to(device), list(prompts), model).float().cpu()
+
     return reward
 
 

@@ -8,6 +8,7 @@ the prompt first). Prints and records (samples.json beside the PNG) per guidance
 accuracy (all stated attributes right), the per-attribute accuracy, and the mean alignment and
 aesthetic rewards.
 """
+
 import argparse
 import json
 import time
@@ -31,9 +32,12 @@ def evaluate(images, prompts, classifier):
         hits = [bool(probs[k][i].argmax() == a[k]) for i, a in enumerate(parsed) if k in a]
         if hits:
             per_attr[k] = sum(hits) / len(hits)
-    return dict(judge_accuracy=judge(images, prompts, classifier).float().mean().item(), per_attribute=per_attr,
-                alignment=alignment_score(images, prompts, classifier).mean().item(),
-                aesthetic=aesthetic_score(images).mean().item())
+    return dict(
+        judge_accuracy=judge(images, prompts, classifier).float().mean().item(),
+        per_attribute=per_attr,
+        alignment=alignment_score(images, prompts, classifier).mean().item(),
+        aesthetic=aesthetic_score(images).mean().item(),
+    )
 
 
 def main(argv=None):
@@ -60,8 +64,17 @@ def main(argv=None):
     for w in args.guidance:
         start = time.time()
         with torch.no_grad():
-            traj = sample(models, prompts, seeds, args.num_steps, w, eta=args.eta, batch_size=32, with_reference=False,
-                          spacing=args.spacing)
+            traj = sample(
+                models,
+                prompts,
+                seeds,
+                args.num_steps,
+                w,
+                eta=args.eta,
+                batch_size=32,
+                with_reference=False,
+                spacing=args.spacing,
+            )
         images = traj.images  # (G, B, 3, H, W)
         flat = images.reshape(G * B, *images.shape[2:])
         res = evaluate(flat, [q for q in prompts for _ in range(B)], classifier)
@@ -72,12 +85,20 @@ def main(argv=None):
         columns.append(images)
     grid = torch.cat(columns, 1)
     import torchvision.utils as vutils
+
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     vutils.save_image(grid.reshape(-1, *grid.shape[2:]), out, nrow=grid.shape[1], padding=1, pad_value=1.0)
-    record = dict(prompts=prompts, seeds=seeds.tolist(), num_steps=args.num_steps, spacing=args.spacing, eta=args.eta,
-                  layout="rows = prompts; columns: ground-truth render, then per guidance scale a white column "
-                         f"and {B} samples", guidance=args.guidance, results=results)
+    record = dict(
+        prompts=prompts,
+        seeds=seeds.tolist(),
+        num_steps=args.num_steps,
+        spacing=args.spacing,
+        eta=args.eta,
+        layout=f"rows = prompts; columns: ground-truth render, then per guidance scale a white column and {B} samples",
+        guidance=args.guidance,
+        results=results,
+    )
     out.with_suffix(".json").write_text(json.dumps(record, indent=1))
 
 

@@ -13,6 +13,7 @@ Held-out combinations: the (colour, shape) pairs in HELD_OUT_PAIRS never appear 
 scenes (`sample_scenes(..., include_held_out=False)`, the default), in `world_small` or in
 `world_large`; `world_unseen` consists only of them (`world_seen`: 30 seen prompts in the same wording).
 """
+
 import itertools
 import math
 import re
@@ -22,11 +23,19 @@ import torch
 
 RES = 32
 COLOURS = ("red", "orange", "yellow", "green", "blue", "purple")
-COLOUR_RGB = torch.tensor([(0.90, 0.10, 0.10), (1.00, 0.55, 0.05), (0.95, 0.90, 0.10),
-                           (0.10, 0.70, 0.20), (0.12, 0.30, 0.95), (0.60, 0.18, 0.85)])
+COLOUR_RGB = torch.tensor(
+    [
+        (0.90, 0.10, 0.10),
+        (1.00, 0.55, 0.05),
+        (0.95, 0.90, 0.10),
+        (0.10, 0.70, 0.20),
+        (0.12, 0.30, 0.95),
+        (0.60, 0.18, 0.85),
+    ]
+)
 SHAPES = ("circle", "square", "triangle")
 SIZES = ("small", "large")
-SIZE_RADIUS = (5.0, 9.0)        # equal-area circle radius in pixels
+SIZE_RADIUS = (5.0, 9.0)  # equal-area circle radius in pixels
 POSITIONS = ("centre", "top left", "top right", "bottom left", "bottom right")
 POSITION_XY = torch.tensor([(16.0, 16.0), (10.0, 10.0), (22.0, 10.0), (10.0, 22.0), (22.0, 22.0)])  # (x, y), y down
 BACKGROUNDS = ("light", "dark")
@@ -58,10 +67,10 @@ def sample_scenes(n, seed, include_held_out=False, jitter=True):
             labels["colour"][bad] = torch.randint(len(COLOURS), (int(bad.sum()),), generator=g)
     u = lambda *shape: torch.rand(*shape, generator=g) * 2 - 1  # noqa: E731, uniform in [-1, 1]
     scale = 1.0 if jitter else 0.0
-    labels["offset"] = u(n, 2) * 1.5 * scale         # pixels
-    labels["scale"] = 1 + u(n) * 0.08 * scale         # radius factor
-    labels["tint"] = u(n, 3) * 0.05 * scale            # colour jitter
-    labels["bg_tint"] = u(n, 3) * 0.04 * scale         # background jitter
+    labels["offset"] = u(n, 2) * 1.5 * scale  # pixels
+    labels["scale"] = 1 + u(n) * 0.08 * scale  # radius factor
+    labels["tint"] = u(n, 3) * 0.05 * scale  # colour jitter
+    labels["bg_tint"] = u(n, 3) * 0.04 * scale  # background jitter
     return labels
 
 
@@ -81,19 +90,19 @@ def render(labels):
     """labels (from sample_scenes) -> (n, 3, 32, 32) float images in [0, 1], plus (n, 32, 32) alpha."""
     colour, shape, size, pos, bg = (labels[k] for k in ATTRIBUTES)
     n = colour.shape[0]
-    centre = POSITION_XY[pos] + labels["offset"]                      # (n, 2)
-    r = torch.tensor(SIZE_RADIUS)[size] * labels["scale"]             # (n,)
+    centre = POSITION_XY[pos] + labels["offset"]  # (n, 2)
+    r = torch.tensor(SIZE_RADIUS)[size] * labels["scale"]  # (n,)
     coords = torch.arange(RES, dtype=torch.float32) + 0.5
-    dx = coords.view(1, 1, RES) - centre[:, 0].view(n, 1, 1)          # (n, 1, W)
-    dy = coords.view(1, RES, 1) - centre[:, 1].view(n, 1, 1)          # (n, H, 1)
+    dx = coords.view(1, 1, RES) - centre[:, 0].view(n, 1, 1)  # (n, 1, W)
+    dy = coords.view(1, RES, 1) - centre[:, 1].view(n, 1, 1)  # (n, H, 1)
     rr = r.view(n, 1, 1)
     d_circle = torch.sqrt(dx**2 + dy**2) - rr
-    d_square = torch.maximum(dx.abs(), dy.abs()) - rr * (math.sqrt(math.pi) / 2)   # equal area
-    R = rr * math.sqrt(4 * math.pi / (3 * math.sqrt(3)))                            # equal-area circumradius
+    d_square = torch.maximum(dx.abs(), dy.abs()) - rr * (math.sqrt(math.pi) / 2)  # equal area
+    R = rr * math.sqrt(4 * math.pi / (3 * math.sqrt(3)))  # equal-area circumradius
     c30 = math.sqrt(3) / 2
     d_tri = torch.maximum(torch.maximum(dy, c30 * dx - 0.5 * dy), -c30 * dx - 0.5 * dy) - R / 2
     d = torch.where((shape == 0).view(n, 1, 1), d_circle, torch.where((shape == 1).view(n, 1, 1), d_square, d_tri))
-    alpha = (0.5 - d).clamp(0, 1)                                     # 1-pixel antialiasing
+    alpha = (0.5 - d).clamp(0, 1)  # 1-pixel antialiasing
     fg = (COLOUR_RGB[colour] + labels["tint"]).clamp(0, 1).view(n, 3, 1, 1)
     back = (torch.tensor(BACKGROUND_GREY)[bg].view(n, 1) + labels["bg_tint"]).clamp(0, 1).view(n, 3, 1, 1)
     a = alpha.unsqueeze(1)
@@ -132,9 +141,16 @@ def captions(labels, seed=None, p_state=0.7):
 
 
 _PATTERN = re.compile(
-    r"^(?:(?:an image|a picture|a drawing) of )?an? (?:(?P<size>small|large) )?(?P<colour>" + "|".join(COLOURS)
-    + r") (?P<shape>" + "|".join(SHAPES) + r")(?: in the (?P<position>" + "|".join(POSITIONS)
-    + r"))?(?: on an? (?P<background>" + "|".join(BACKGROUNDS) + r") background)?\.?$")
+    r"^(?:(?:an image|a picture|a drawing) of )?an? (?:(?P<size>small|large) )?(?P<colour>"
+    + "|".join(COLOURS)
+    + r") (?P<shape>"
+    + "|".join(SHAPES)
+    + r")(?: in the (?P<position>"
+    + "|".join(POSITIONS)
+    + r"))?(?: on an? (?P<background>"
+    + "|".join(BACKGROUNDS)
+    + r") background)?\.?$"
+)
 
 
 class CaptionParseError(ValueError):
@@ -149,7 +165,8 @@ def parse_caption(caption):
         raise CaptionParseError(
             f"cannot parse prompt {caption!r} as a world caption; expected e.g. "
             f"'a small red triangle in the top left on a dark background' (colours {COLOURS}, shapes {SHAPES}, "
-            f"sizes {SIZES}, positions {POSITIONS}, backgrounds {BACKGROUNDS})")
+            f"sizes {SIZES}, positions {POSITIONS}, backgrounds {BACKGROUNDS})"
+        )
     return {k: v for k, v in m.groupdict().items() if v is not None}
 
 
@@ -157,7 +174,8 @@ def all_captions(held_out=False):
     """Every caption of the grammar whose (colour, shape) pair is (held_out=True) or is not held out."""
     out = []
     for prefix, colour, shape, size, position, background in itertools.product(
-            PREFIXES, COLOURS, SHAPES, (None,) + SIZES, (None,) + POSITIONS, (None,) + BACKGROUNDS):
+        PREFIXES, COLOURS, SHAPES, (None,) + SIZES, (None,) + POSITIONS, (None,) + BACKGROUNDS
+    ):
         if is_held_out(colour, shape) == held_out:
             out.append(caption_from(colour, shape, size, position, background, prefix))
     return out
@@ -173,9 +191,11 @@ def world_small_prompts():
                 continue
             out.append(caption_from(colour, shape, SIZES[i % 2], POSITIONS[i % 5]))
             i += 1
-    out += [caption_from("red", "square", "large", "centre", "dark"),
-            caption_from("blue", "circle", "small", "top right", "light"),
-            caption_from("yellow", "triangle", "large", "bottom left", "dark")]
+    out += [
+        caption_from("red", "square", "large", "centre", "dark"),
+        caption_from("blue", "circle", "small", "top right", "light"),
+        caption_from("yellow", "triangle", "large", "bottom left", "dark"),
+    ]
     return out
 
 
@@ -187,16 +207,23 @@ def world_large_prompts():
 def world_demo_prompts():
     """The demo's 4 prompts: a seen (colour, shape) pair in each corner, large and small alternating. The base model
     gets colour, shape and size right and the position about 4 times in 10: what the demo's reward teaches."""
-    return [caption_from("red", "circle", "large", "top left"), caption_from("blue", "square", "small", "bottom right"),
-            caption_from("yellow", "triangle", "large", "top right"), caption_from("green", "circle", "small", "bottom left")]
+    return [
+        caption_from("red", "circle", "large", "top left"),
+        caption_from("blue", "square", "small", "bottom right"),
+        caption_from("yellow", "triangle", "large", "top right"),
+        caption_from("green", "circle", "small", "bottom left"),
+    ]
 
 
 def world_seen_prompts():
     """30 fully stated prompts of seen (colour, shape) pairs, two (size, position) each, in world_unseen's
     wording: the seen half of a seen/unseen comparison (each is also a world_large prompt)."""
     seen = [(c, s) for c in COLOURS for s in SHAPES if not is_held_out(c, s)]
-    return [caption_from(c, s, SIZES[(i + j) % 2], POSITIONS[(2 * i + 3 * j) % 5])
-            for i, (c, s) in enumerate(seen) for j in range(2)]
+    return [
+        caption_from(c, s, SIZES[(i + j) % 2], POSITIONS[(2 * i + 3 * j) % 5])
+        for i, (c, s) in enumerate(seen)
+        for j in range(2)
+    ]
 
 
 def world_unseen_prompts():
