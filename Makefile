@@ -60,6 +60,7 @@ format: $(STAMP)
 	$(PY) -m ruff check --fix .
 
 bench: $(STAMP)
+	$(PY) benchmarks/epoch.py
 	$(PY) benchmarks/loss_kernel.py
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/rewards.py

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Every check that needs a CUDA GPU, in one run with a time limit per stage (so a slow stage cannot
-# starve the rest). Stages, in order (STAGES picks a subset; default all):
+# starve the rest). Stages, in order (STAGES picks a subset; default "tests epoch": one short GPU loan):
 #   tests  the kernel tests compiled for the GPU (and torch.clamp's subgradient at a bound, printed)
+#   epoch  benchmarks/epoch.py: whole PRDP epochs at SD1.4 size, per phase, before and after each lever,
+#          T = 10 and 50, the noise floor per precision, torch.compile last (its own stage budgets, in its header)
 #   world  the world trained at GPU batch sizes (PRDP and DDPO side by side, fp32: in bf16 the world's
 #          log-ratios were noise, measured on its pixel model, benchmarks/results/gpu_h200.md), evaluated
 #          against the base
@@ -12,15 +14,24 @@
 #
 #   [STAGES="tests world"] [WORLD_SECONDS=150] bash benchmarks/gpu_checks.sh OUT_DIR
 #
-# Writes OUT_DIR/all.log (everything printed), loss_kernel.json, train_step_T50.json, train_step_T10.json,
-# train_step_naive.json and world_gpu.tar.gz (the two runs' configs, metrics and sample grids, and the
-# evaluation; no checkpoints). Each world run trains for WORLD_SECONDS and is then stopped by SIGTERM,
-# on which the trainer checkpoints and exits.
+# Time limits (seconds of GPU time): the default stages fit one 10-minute loan with the machine's start:
+#   environment ~15 (nvidia-smi, imports) + tests 60 (34.6 measured on an H200) + epoch 500 = 575.
+# Not in the default (each its own loan or what is left of one): world 2 x WORLD_SECONDS + 90 (390 at the
+# default 150: alone it would take most of a loan, and it measures training dynamics, not speed), loss 130,
+# step 2 x 120 and naive 150 (train_step.py: single steps and the full-graph comparison; epoch supersedes step).
+# Without nvidia-smi (a CPU machine) this is a rehearsal: the default stages are "epoch" only, which runs
+# epoch.py's CPU plan on the tiny UNet (about a minute on 2 cores).
+#
+# Writes OUT_DIR/all.log (everything printed), epoch.json, loss_kernel.json, train_step_T50.json,
+# train_step_T10.json, train_step_naive.json and world_gpu.tar.gz (the two runs' configs, metrics and sample
+# grids, and the evaluation; no checkpoints), each from its stage. Each world run trains for WORLD_SECONDS and
+# is then stopped by SIGTERM, on which the trainer checkpoints and exits.
 set -u
 OUT=${1:?usage: bash benchmarks/gpu_checks.sh OUT_DIR}
 PY=${PYTHON:-python3}
 WORLD_SECONDS=${WORLD_SECONDS:-150}
-STAGES=" ${STAGES:-tests world loss step naive} "
+if command -v nvidia-smi > /dev/null; then GPU=1; else GPU=0; fi
+STAGES=" ${STAGES:-$( ((GPU)) && echo tests epoch || echo epoch)} "
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/all.log") 2>&1
@@ -28,21 +39,31 @@ stage() { echo; echo "=== $(date -u +%H:%M:%S) $*"; }
 wants() { [[ $STAGES == *" $1 "* ]]; }
 
 stage "environment"
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+if ((GPU)); then
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+else
+    echo "no nvidia-smi: CPU rehearsal (stages:$STAGES); the GPU numbers need a GPU"
+fi
 $PY -c "import torch, triton, diffusers, deepspeed, transformers, open_clip
 print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__,
-      'deepspeed', deepspeed.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())
+      'deepspeed', deepspeed.__version__, 'transformers', transformers.__version__,
+      torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device')
 import kernels, prdp_ds.train, prdp_ds.evaluate" || { echo "imports failed: stopping"; exit 3; }
 
 if wants tests; then
     stage "kernel tests on the GPU"
-    timeout 90 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_package.py tests/test_step_logratio.py \
+    timeout 60 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_package.py tests/test_step_logratio.py \
         tests/test_rdp_loss_kernel.py
     $PY -c "import torch
 for dev in ('cpu', 'cuda'):
     r = torch.tensor([0.25, 0.5, 0.75], device=dev, requires_grad=True)
     torch.clamp(r, torch.full_like(r, 0.25), torch.full_like(r, 0.75)).sum().backward()
     print('torch', torch.__version__, dev, 'd clamp(r, 0.25, 0.75) / dr at r = 0.25, 0.5, 0.75:', r.grad.tolist())"
+fi
+
+if wants epoch; then
+    stage "epoch benchmark: SD1.4 UNet (tiny on a CPU), levers, T = 10 and 50, precisions, compile last"
+    timeout -k 10 500 $PY benchmarks/epoch.py --json "$OUT/epoch.json"
 fi
 
 if wants world; then
@@ -78,7 +99,8 @@ fi
 
 if wants loss; then
     stage "loss-kernel benchmark"
-    timeout 130 $PY benchmarks/loss_kernel.py --gxb 64x8,8x8 --dsweep 65536 --json "$OUT/loss_kernel.json"
+    timeout 90 $PY -m pytest -q -p no:cacheprovider tests/test_fused.py
+    timeout 200 $PY benchmarks/loss_kernel.py --gxb 64x8,8x8 --dsweep 1024,4096,65536 --json "$OUT/loss_kernel.json"
 fi
 
 if wants step; then

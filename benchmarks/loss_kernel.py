@@ -8,7 +8,11 @@ over whole trajectories (G groups x B images x T steps, latents of D elements):
             stored at sampling time, also by gaussian_log_prob), then the paper's loss
             prdp_ds.loss.prdp_loss_reference, which forms log-ratios by subtracting log-probs.
   compile   torch.compile of exactly the same function.
-  fused     kernels.fused_prdp_loss_triton (cancellation-free log-ratios + RDP loss, Triton).
+  fused     kernels.fused_prdp_loss_triton (cancellation-free log-ratios + RDP loss, Triton) with its
+            default backward="residual": the forward saves u = x_prev - mu_theta in fp32, the backward
+            reads u and writes the two gradients.
+  fused_rc  the same op with backward="recompute": nothing (G,B,T,D)-sized saved, the backward re-reads
+            eps_u, eps_c, x_t, x_prev (the design measured on the H200 on 2026-11-30).
 
 Columns: forward ms and forward+backward ms (median; triton.testing.do_bench on GPU), peak memory
 above the inputs (MB), achieved GB/s against the bytes floor (inputs read once, plus for fwd+bwd the
@@ -17,17 +21,30 @@ tensor copy, as % ("% floor": 100 means as fast as reading the inputs once at co
 errors against an fp64 reference (exact two-pass autograd in fp64, chunked to bound memory):
 loss (relative), gradients (max abs error / max abs gradient), log-ratios (max abs error, nats).
 
+Bytes accounting (per latent element; s = bytes of eps_u / eps_c, c = bytes of eps_ref, x_t, x_prev,
+fp32 here): floor fwd 2s + 3c, fwd+bwd 4s + 3c; fused fwd 2s + 3c + 4 (the fp32 residual written),
+fwd+bwd 4s + 3c + 8; fused_rc fwd 2s + 3c, fwd+bwd 6s + 5c (B/el column: a design's fwd+bwd bytes;
+its ceiling at copy speed is floor / design: fused 78% (fp32) / 71% (bf16), fused_rc 64% / 62%).
+
+The max-branch fix at the paper's beta (docs/design.md §5): the fused rows' grad err is that fix's
+gradient error through the fused op (1.3e-2 at 64x8 fp32 on the H200 before the fix). They also give it
+isolated from the log-ratios' error: dL/dr err = max |dL/dr - dL/dr_64| / max |dL/dr_64| of the RDP
+kernel on the exact log-ratios rounded to fp32, and tied = the share of valid pairs whose e and e'
+(from fp32 R, C) are equal in fp32, where comparing the rounded squares would pick the branch by rounding.
+
 On a machine without a GPU it runs tiny sizes under TRITON_INTERPRET=1: timings there mean
 nothing (the interpreter executes Triton programs in numpy); only the error columns do.
 
   python benchmarks/loss_kernel.py [--json PATH] [--dtypes fp32,bf16] [--no-compile]
                                    [--gxb 1x8,8x8,16x16,64x8] [--dsweep 1024,4096,65536]
+                                   [--methods naive,compile,fused,fused_rc]
 (torch.compile recompiles for every shape and dtype; split a GPU run with --gxb / --dsweep if
 one command must stay under a time limit.)
 """
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -44,7 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import triton  # noqa: E402
 
-from kernels import fused_prdp_loss_triton, step_log_ratio_triton  # noqa: E402
+from kernels import fused_prdp_loss_triton, rdp_loss_triton, step_log_ratio_triton  # noqa: E402
 from prdp_ds.logratio import gaussian_log_prob, guided_eps  # noqa: E402
 from prdp_ds.loss import prdp_loss_reference, rdp_loss  # noqa: E402
 
@@ -72,8 +89,21 @@ def naive_loss(eu, ec, er, xt, xp, lp_old, rewards, a, b, sigma, w, clip, beta):
     return loss, (lp - lp_ref).detach()
 
 
-def fused_loss(eu, ec, er, xt, xp, r_old, rewards, a, b, sigma, w, clip, beta):
-    return fused_prdp_loss_triton(eu, ec, er, xt, xp, r_old, rewards, a, b, sigma, w, clip, beta)
+def fused_loss(eu, ec, er, xt, xp, r_old, rewards, a, b, sigma, w, clip, beta, backward):
+    return fused_prdp_loss_triton(eu, ec, er, xt, xp, r_old, rewards, a, b, sigma, w, clip, beta, backward=backward)
+
+
+FUSED = {"fused": "residual", "fused_rc": "recompute"}  # method -> the op's backward design
+
+
+def design_bytes(method, s, c):
+    """Bytes a design moves per latent element (module docstring) -> (fwd, fwd+bwd); None for the
+    PyTorch methods (what they move is inductor's or eager's choice, not counted here)."""
+    if method == "fused":
+        return 2 * s + 3 * c + 4, 4 * s + 3 * c + 8
+    if method == "fused_rc":
+        return 2 * s + 3 * c, 6 * s + 5 * c
+    return None, None
 
 
 def fused_log_ratios(d):
@@ -217,6 +247,21 @@ class Reference64:
         er, xt, xp = (x[i:j].double() for x in self.t[2:])
         return _r64_rows(eh, er, xt, xp, *(c[i:j] for c in self.coef))
 
+    def max_branch(self, d):
+        """The RDP loss's part of the gradient error at this data: (dL/dr error of the kernel on the exact
+        log-ratios rounded to fp32, relative to max |dL/dr|; share of valid pairs with e == e' in fp32)."""
+        r32 = self.r.float().requires_grad_()
+        (g,) = torch.autograd.grad(rdp_loss_triton(r32, d["r_old"], d["rewards"], CLIP, BETA), r32)
+        err = (g.reshape(-1).double() - self.g_r).abs().max().item() / max(self.g_r.abs().max().item(), 1e-300)
+        R = r32.detach().mean(-1)  # (G, B) fp32, as the kernel forms them
+        C = torch.clamp(r32.detach(), d["r_old"] - CLIP, d["r_old"] + CLIP).mean(-1)
+        rw = d["rewards"].float()
+        target = (rw[:, :, None] - rw[:, None, :]) / BETA
+        e, e_clip = R[:, :, None] - R[:, None, :] - target, C[:, :, None] - C[:, None, :] - target
+        valid = target > 0
+        tied = (e == e_clip)[valid].float().mean().item() if valid.any() else 0.0
+        return err, tied
+
     def grad_error(self, grads):
         """max |g - g64| / max |g64| over both gradients, chunk by chunk."""
         num = den = 0.0
@@ -256,13 +301,15 @@ def copy_bandwidth(device, bench):
     return 2 * x.numel() * 4 / (ms * 1e-3) / 1e9  # read + write, GB/s
 
 
-def bench_method(name, fn, d, dtype, bench, copy_bw, ref):
+def bench_method(name, fn, d, dtype, bench, copy_bw, ref, max_branch):
+    """One row; max_branch: (dL/dr error, tied pair share) of Reference64.max_branch, for the fused rows."""
     device = d["eu"].device
     eu = d["eu"].to(dtype).detach().requires_grad_()
     ec = d["ec"].to(dtype).detach().requires_grad_()
-    old = d["lp_old"] if name != "fused" else d["r_old"]
+    fused = name in FUSED
+    old = d["r_old"] if fused else d["lp_old"]
     args = (eu, ec, d["er"], d["xt"], d["xp"], old, d["rewards"], d["a"], d["b"], d["sigma"], GUIDANCE, CLIP, BETA)
-    loss_of = (lambda out: out) if name == "fused" else (lambda out: out[0])
+    loss_of = (lambda out: out) if fused else (lambda out: out[0])
 
     def fwd():
         return loss_of(fn(*args))
@@ -274,7 +321,7 @@ def bench_method(name, fn, d, dtype, bench, copy_bw, ref):
     out = fn(*args)
     loss = loss_of(out)
     grads = torch.autograd.grad(loss, (eu, ec))
-    r = fused_log_ratios(dict(d, eu=eu.detach(), ec=ec.detach())) if name == "fused" else out[1]
+    r = fused_log_ratios(dict(d, eu=eu.detach(), ec=ec.detach())) if fused else out[1]
     loss_err = abs(loss.item() - ref.loss.item()) / max(abs(ref.loss.item()), 1e-300)
     grad_err = ref.grad_error(grads)
     lr_err = (r.double() - ref.r).abs().max().item()
@@ -294,8 +341,10 @@ def bench_method(name, fn, d, dtype, bench, copy_bw, ref):
     G, B, T, D = eu.shape
     n = G * B * T * D
     small = G * B * T * 4 * 2 + G * B * 4
-    read = 2 * n * eu.element_size() + 3 * n * 4 + small
-    fb = read + 2 * n * eu.element_size()
+    es, cs = eu.element_size(), d["er"].element_size()  # s, c of the bytes accounting
+    read = n * (2 * es + 3 * cs) + small  # floor: every input once
+    fb = read + 2 * n * es  # + the two gradients once
+    design_f, design_fb = design_bytes(name, es, cs)
     row = dict(
         G=G,
         B=B,
@@ -310,27 +359,50 @@ def bench_method(name, fn, d, dtype, bench, copy_bw, ref):
         fwd_pct_floor=100 * read / copy_bw / 1e9 / (t_f * 1e-3),
         fwd_bwd_GBps=fb / (t_fb * 1e-3) / 1e9,
         fwd_bwd_pct_floor=100 * fb / copy_bw / 1e9 / (t_fb * 1e-3),
+        floor_B_per_elem_fwd_bwd=4 * es + 3 * cs,
+        design_B_per_elem_fwd=design_f,
+        design_B_per_elem_fwd_bwd=design_fb,
+        design_fwd_bwd_GBps=design_fb * n / (t_fb * 1e-3) / 1e9 if design_fb else None,
         loss_rel_err=loss_err,
         grad_rel_err=grad_err,
         logratio_abs_err=lr_err,
+        dLdr_rel_err=max_branch[0] if fused else None,
+        tied_pair_frac=max_branch[1] if fused else None,
     )
     return row
 
 
 def fmt(row):
-    p = row["peak_mem_MB"]
+    p, b, dl = row["peak_mem_MB"], row["design_B_per_elem_fwd_bwd"], row["dLdr_rel_err"]
     return (
         f"{row['G']:>3}x{row['B']:<3} T={row['T']:<3} D={row['D']:<6} {row['dtype']:<9} {row['method']:<8}"
         f" {row['fwd_ms']:9.3f} {row['fwd_bwd_ms']:9.3f} {f'{p:9.1f}' if p is not None else '      n/a'}"
-        f" {row['fwd_bwd_GBps']:8.1f} {row['fwd_bwd_pct_floor']:6.1f}%"
+        f" {row['fwd_bwd_GBps']:8.1f} {row['fwd_bwd_pct_floor']:6.1f}% {f'{b:4d}' if b else '   -'}"
         f"  {row['loss_rel_err']:9.2e} {row['grad_rel_err']:9.2e} {row['logratio_abs_err']:9.2e}"
+        + (f" {dl:9.2e} {100 * row['tied_pair_frac']:5.1f}%" if dl is not None else "")
     )
 
 
 HEADER = (
     f"{'GxB':<7} {'T':<5} {'D':<8} {'dtype':<9} {'method':<8} {'fwd ms':>9} {'f+b ms':>9} {'peak MB':>9}"
-    f" {'f+b GB/s':>8} {'%floor':>7}  {'loss err':>9} {'grad err':>9} {'lr err':>9}"
+    f" {'f+b GB/s':>8} {'%floor':>7} {'B/el':>4}  {'loss err':>9} {'grad err':>9} {'lr err':>9}"
+    f" {'dLdr err':>9} {'tied':>6}"
 )
+
+
+def summary(rows, timed):
+    """Per shape and dtype: each fused design against compile (fwd+bwd and fwd speed-ups, compile ms / fused
+    ms) and the issue's target, fused >= 1.0x compile forward+backward (None when not timed: the interpreter)."""
+    key = lambda r: {k: r[k] for k in ("G", "B", "T", "D", "dtype")}  # noqa: E731
+    out = []
+    for c in (r for r in rows if r["method"] == "compile"):
+        for f in (r for r in rows if r["method"] in FUSED and key(r) == key(c)):
+            x = c["fwd_bwd_ms"] / f["fwd_bwd_ms"]
+            out.append(
+                key(c) | dict(method=f["method"], fwd_bwd_vs_compile=x, fwd_vs_compile=c["fwd_ms"] / f["fwd_ms"])
+            )
+            out[-1]["met"] = x >= 1.0 if timed else None
+    return out
 
 
 def main():
@@ -344,7 +416,12 @@ def main():
         default="1024,4096,65536",
         help="GPU: D values for the 8x8, T=50, fp32 sweep ('' for none; 16384 is in the main rows)",
     )
+    ap.add_argument("--methods", default="naive,compile,fused,fused_rc", help="which of the four methods to run")
     args = ap.parse_args()
+    wanted = args.methods.split(",")
+    unknown = sorted(set(wanted) - {"naive", "compile", *FUSED})
+    if unknown:
+        ap.error(f"--methods: unknown {unknown}; choose from naive, compile, fused, fused_rc")
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     dtypes = [DTYPES[x] for x in args.dtypes.split(",")]
@@ -357,6 +434,7 @@ def main():
         dev_name = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), TRITON_INTERPRET=1"
         shapes = [(2, 4, 4, 256, dt) for dt in dtypes]
         shapes += [(2, 4, 4, D, torch.float32) for D in (64, 1024)]
+        shapes += [(8, 8, 50, 1024, torch.float32)]  # the paper-beta tie regime (benchmarks/results/gpu_h200.md)
         print("=" * 100)
         print("NO GPU: tiny sizes, Triton under TRITON_INTERPRET=1 (numpy). TIMINGS HERE MEAN NOTHING;")
         print("only the error columns are meaningful. Run on a GPU for the real table.")
@@ -370,15 +448,13 @@ def main():
         f"CFG w={GUIDANCE}, clip eps={CLIP}, beta={BETA}; errors vs fp64: loss relative, grad max-abs/max|g|, "
         "log-ratio max abs (nats)"
     )
-    methods = [("naive", naive_loss)]
-    compiled = None
-    if not args.no_compile:
+    methods = [("naive", naive_loss)] if "naive" in wanted else []
+    if "compile" in wanted and not args.no_compile:
         try:
-            compiled = torch.compile(naive_loss, dynamic=False)
-            methods.append(("compile", compiled))
+            methods.append(("compile", torch.compile(naive_loss, dynamic=False)))
         except Exception as e:  # noqa: BLE001
             print(f"torch.compile unavailable, skipped: {type(e).__name__}: {e}")
-    methods.append(("fused", fused_loss))
+    methods += [(m, functools.partial(fused_loss, backward=bw)) for m, bw in FUSED.items() if m in wanted]
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     print(HEADER)
     rows, skipped = [], []
@@ -401,6 +477,7 @@ def main():
                 else "median ms via triton.testing.do_bench"
             ),
             skipped=skipped,
+            summary=summary(rows, timed=cuda),
             rows=rows,
         )
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -409,9 +486,10 @@ def main():
     for G, B, T, D, dt in shapes:
         d = make_data(G, B, T, D, device)
         ref = Reference64(d, d["eu"].to(dt), d["ec"].to(dt))
+        max_branch = ref.max_branch(d) if any(m in FUSED for m, _ in methods) else None
         for name, fn in methods:
             try:
-                row = bench_method(name, fn, d, dt, bench, copy_bw, ref)
+                row = bench_method(name, fn, d, dt, bench, copy_bw, ref, max_branch)
             except Exception as e:  # noqa: BLE001
                 if name != "compile":
                     raise
@@ -426,6 +504,12 @@ def main():
         del d, ref
         if cuda:
             torch.cuda.empty_cache()
+    for x in summary(rows, timed=cuda):
+        print(
+            f"{x['G']}x{x['B']} T={x['T']} D={x['D']} {x['dtype']} {x['method']}:"
+            f" fwd+bwd {x['fwd_bwd_vs_compile']:.2f}x compile, fwd {x['fwd_vs_compile']:.2f}x;"
+            f" target >= 1.0x {'n/a (interpreter)' if x['met'] is None else 'met' if x['met'] else 'NOT met'}"
+        )
     if args.json:
         write_json()
         print(f"wrote {args.json}")

@@ -1,5 +1,6 @@
 """Time one PRDP optimizer step of the real trainer code, phase by phase (docs/design.md §7;
-yardsticks: benchmarks/README.md).
+yardsticks: benchmarks/README.md). Whole epochs, levers and precisions: benchmarks/epoch.py, which
+uses this module's SD1.4 models, FLOP count and timers.
 
 Everything timed is the trainer's own code on a DeepSpeed ZeRO-2 engine (prdp_ds.engine): one
 rollout by prdp_ds.sampler.sample (policy = the engine, frozen reference UNet beside it), then per
@@ -63,7 +64,7 @@ from diffusers import UNet2DConditionModel  # noqa: E402
 from prdp_ds.config import Config  # noqa: E402
 from prdp_ds.engine import build_ds_config, init_distributed, make_engine, make_optimizer  # noqa: E402
 from prdp_ds.loss import rdp_loss  # noqa: E402
-from prdp_ds.models import Models, build_tiny, make_scheduler  # noqa: E402
+from prdp_ds.models import Models, OpenClipTokenizer, build_tiny, make_scheduler  # noqa: E402
 from prdp_ds.prompts import ANIMALS  # noqa: E402
 from prdp_ds.sampler import cfg_predict, image_seeds, sample  # noqa: E402
 from prdp_ds.twopass import chunk_log_ratios, policy_log_ratios, prdp_step  # noqa: E402
@@ -101,14 +102,16 @@ FLOP_MULT = {
 
 
 class RandomTextModels(Models):
-    """SD1.4 UNets with random text embeddings and no VAE: decoding is skipped (timing only)."""
+    """SD1.4 UNets with random text embeddings and no VAE (timing only): decoding is replaced by
+    sigmoid of the first 3 latent channels, (n, 4, 64, 64) -> (n, 3, 64, 64) in [0, 1], so that a
+    weight-free reward (brightness) still differs between images."""
 
     def encode_prompts(self, prompts):
         gen = torch.Generator().manual_seed(len(prompts))
         return torch.randn((len(prompts), *SD14_TEXT), generator=gen).to(next(self.ref_unet.parameters()).device)
 
     def decode(self, latents):
-        return torch.zeros(latents.shape[0], 3, 1, 1, device=latents.device)
+        return torch.sigmoid(latents[:, :3].float())
 
 
 def new_policy(kind, device):
@@ -119,13 +122,13 @@ def new_policy(kind, device):
         return UNet2DConditionModel(**SD14_UNET)
 
 
-def build_models(kind, device):
-    frozen = torch.bfloat16 if CUDA else None
+def build_models(kind, device, frozen=torch.bfloat16 if CUDA else None):
+    """Policy and reference UNets of `kind` on `device`, the reference cast to `frozen` (None: fp32)."""
     if kind == "tiny":
         return build_tiny(0).to(device, frozen_dtype=frozen)
     unet = new_policy(kind, device)
     ref = copy.deepcopy(unet).requires_grad_(False).eval().to(dtype=frozen or torch.float32)
-    return RandomTextModels(unet, ref, None, None, None, make_scheduler())
+    return RandomTextModels(unet, ref, None, None, OpenClipTokenizer(SD14_TEXT[0]), make_scheduler())
 
 
 def new_engine(policy, cfg, world, device):
@@ -329,6 +332,7 @@ def main():
                 cfg.sampler.batch_size,
                 cfg.loss.reduction,
                 sample_impl,
+                ref_batch_size=cfg.sampler.ref_batch_size,
             )
     m_ref = {"s": ref_t["s"], "mb": m_samp["mb"]}
     m_samp = {"s": m_samp["s"] - ref_t["s"], "mb": m_samp["mb"]}

@@ -22,6 +22,10 @@ class ModelConfig:
     gradient_checkpointing: bool = False  # UNet activation checkpointing in pass 2 (use_reentrant=False)
     lora_rank: int = 0  # 0: finetune the full UNet; > 0: train only LoRA adapters of this rank (peft)
     lora_alpha: float = 0.0  # LoRA scale numerator (scale = alpha / rank); 0 means alpha = rank
+    channels_last: bool = (
+        False  # the frozen reference UNet in channels_last memory format (the policy stays contiguous)
+    )
+    compile: bool = False  # torch.compile the reference UNet's forward (reference pass); the engine's policy untouched
 
 
 @dataclass
@@ -32,6 +36,8 @@ class SamplerConfig:
     spacing: str = "uniform"  # DDIM timesteps: 'uniform' (the scheduler's own), 'quadratic' (more steps near t = 0)
     # or 'logsnr' (uniform in log-SNR: every step's |b|/sigma alike; sampler.ddim_timesteps)
     batch_size: int = 16  # images per UNet call while sampling (the CFG batch is twice that)
+    # (image, step) rows per reference UNet call, run after sampling (CFG batch twice that; memory as batch_size would)
+    ref_batch_size: int = 64
 
 
 @dataclass
@@ -53,8 +59,10 @@ class TrainConfig:
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
     adam_eps: float = 1e-8  # AdamW epsilon
     grad_clip: float = 1.0  # global gradient-norm clip
-    images_per_chunk: int = 4  # images per pass-2 backward (the CFG batch is 2 x images x steps)
-    steps_per_chunk: int = 1  # denoising steps per pass-2 backward
+    # images per pass-2 backward (the CFG batch is 2 x images x steps); 'auto': sized to the device (prdp_ds.chunking)
+    images_per_chunk: int | str = 4
+    steps_per_chunk: int | str = 1  # denoising steps per pass-2 backward; 'auto' as images_per_chunk
+    memory_margin: float = 0.2  # fraction of the free device memory that 'auto' chunk sizing leaves unused, in [0, 1)
     seed: int = 0  # seeds prompts and per-image noise: (seed, epoch, group, image)
     max_bad_steps: int = 3  # stop after this many skipped (non-finite) steps in a row
 
@@ -92,6 +100,7 @@ class OutputConfig:
     eval_prompts: list[str] = field(default_factory=lambda: ["cat", "dog", "horse", "fox"])  # grid rows (templated)
     eval_images: int = 4  # grid columns: fixed seeds per eval prompt
     save_merged_unet: bool = False  # with LoRA: also save the UNet with the adapters merged (unet/) in checkpoints
+    noise_every: int = 10  # epochs between log-ratio noise measurements (logratio_noise_*; one no-grad pass); 0: off
 
 
 @dataclass
@@ -121,9 +130,18 @@ CHOICES = {
     "ddpo.reduction": ("sum", "mean"),
     "sampler.spacing": ("uniform", "quadratic", "logsnr"),
 }
+MINIMUM = {"sampler.ref_batch_size": 1, "output.noise_every": 0}  # numeric keys checked against a lower bound
+
+
+AUTO_OR_INT = ("train.images_per_chunk", "train.steps_per_chunk")  # a positive int or 'auto'
+UNIT_INTERVAL = ("train.memory_margin",)  # a float in [0, 1)
 
 
 def _check_value(key, value, typ):
+    if key in AUTO_OR_INT:
+        if value != "auto" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ConfigError(f"{key}: expected a positive int or 'auto', got {value!r}")
+        return value
     origin = typing.get_origin(typ)
     if typ is float and not isinstance(value, bool) and isinstance(value, (int, str)):
         try:  # YAML 1.1 reads '1e-5' as a string
@@ -143,6 +161,8 @@ def _check_value(key, value, typ):
         raise ConfigError(f"{key}: expected {typ.__name__}, got {type(value).__name__} {value!r}")
     if key in CHOICES and value not in CHOICES[key]:
         raise ConfigError(f"{key}: expected one of {CHOICES[key]}, got {value!r}")
+    if key in MINIMUM and value < MINIMUM[key]:
+        raise ConfigError(f"{key}: expected at least {MINIMUM[key]}, got {value!r}")
     return value
 
 
@@ -168,7 +188,10 @@ def _apply(obj, data, prefix=""):
                 raise ConfigError(f"{key}: expected a mapping of {key}.* keys, got {value!r}")
             _apply(current, value, key + ".")
         else:
-            setattr(obj, name, _check_value(key, value, hints[name]))
+            value = _check_value(key, value, hints[name])
+            if key in UNIT_INTERVAL and not 0 <= value < 1:
+                raise ConfigError(f"{key}: expected a float in [0, 1), got {value!r}")
+            setattr(obj, name, value)
 
 
 def parse_override(text):

@@ -118,7 +118,7 @@ def ddpo_step(engine, traj, adv, cond, uncond, cfg, impl):
         r = chunk_log_ratios(engine, traj, cond, uncond, images, steps, cfg, impl, against="eps_old")
         loss = ppo_loss(r * to_ddpo, flat_adv[images], d.clip_range).sum() / n
         engine.backward(loss, scale_wrt_gas=False)
-        engine.step()
+        engine.step()  # as in prdp_step: one optimizer step, and at ZeRO-1 one reduction, at the last chunk
         r = r.detach()
         sums += torch.stack(
             [

@@ -2,10 +2,12 @@
 
 The training config owns batch sizes, accumulation, gradient clipping and the optimizer; they are
 written into the DeepSpeed JSON, and a JSON that sets one of them to another value is an error.
-Accumulation equals the number of pass-2 backward calls per optimizer step (docs/design.md §8): ZeRO-2
-reduces gradients on every `engine.backward`, and with fewer accumulation steps than backward
-calls it silently produces wrong gradients. Each backward uses scale_wrt_gas=False, so the summed
-gradient is exactly that of the loss, and the sum is kept in fp32 (data_types.grad_accum_dtype).
+Accumulation equals the number of pass-2 backward calls per optimizer step (docs/design.md §8): with
+fewer accumulation steps than backward calls ZeRO-2 silently produces wrong gradients. Each backward
+uses scale_wrt_gas=False, so the summed gradient is exactly that of the loss, and the sum is kept in
+fp32 (data_types.grad_accum_dtype) and reduced across ranks in fp32 (communication_data_type). The
+shipped configs use ZeRO-1, which reduces once per optimizer step, at the accumulation boundary;
+ZeRO-2 and ZeRO-3 reduce on every backward call.
 """
 
 import json
@@ -104,7 +106,8 @@ def load_ds_json(path):
 
 
 def build_ds_config(ds_json, cfg, world_size, path="--config"):
-    """The DeepSpeed config: the user's JSON plus the values the training config owns."""
+    """The DeepSpeed config: the user's JSON plus the values the training config owns, fp32 gradient
+    accumulation and reduction (forced), and DeepSpeed's throughput timer off unless the JSON sets `timers`."""
     arith = batch_arithmetic(cfg, world_size)
     gas = arith["backward_calls_per_step"]
     micro = cfg.train.images_per_chunk
@@ -130,6 +133,13 @@ def build_ds_config(ds_json, cfg, world_size, path="--config"):
             f"{path}: data_types.grad_accum_dtype must be 'fp32' (the gradient is summed over every "
             f"pass-2 backward call), got {accum!r}"
         )
+    comm = out.setdefault("communication_data_type", "fp32")
+    if comm != "fp32":  # DeepSpeed's default under bf16 is bf16: ZeRO-1 would round the fp32 sum it reduces
+        raise ValueError(
+            f"{path}: communication_data_type must be 'fp32' (the gradient reduction carries the fp32 sum "
+            f"over every pass-2 backward call), got {comm!r}"
+        )
+    out.setdefault("timers", {"throughput": {"enabled": False}})  # DeepSpeed's default synchronizes every step
     bf16 = out.get("bf16", {}).get("enabled", "auto")
     if bf16 == "auto":
         bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -155,8 +165,9 @@ def make_optimizer(params, cfg, on_cuda_device):
 
 def make_engine(unet, ds_config, optimizer):
     """Wrap the policy UNet in a DeepSpeed engine. A step whose gradient is non-finite is discarded:
-    ZeRO-3 and ZeRO-1/2 do so when they compute the global norm; forcing ZeRO-1/2's overflow check
-    covers runs that compute none (train.grad_clip = 0). tests/test_twopass.py checks stages 2 and 3."""
+    ZeRO-3 and ZeRO-1/2 do so when they compute the global norm (DeepSpeed's BF16 optimizer, ZeRO-1 with
+    bf16, always does); forcing ZeRO-1/2's overflow check covers runs that compute none (train.grad_clip = 0).
+    tests/test_twopass.py checks stages 1, 2 and 3."""
     import deepspeed
 
     engine, optimizer, _, _ = deepspeed.initialize(

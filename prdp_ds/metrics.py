@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 
 class RunLog:
@@ -66,6 +67,25 @@ class RunLog:
     def close(self):
         if self._tb is not None:
             self._tb.close()
+
+
+def logratio_noise(recomputed, recorded):
+    """The log-ratio noise of the training path: d = r(theta_old) recomputed (pass 1) - r recorded by the sampler,
+    both (G, B, T) on this rank, in nats, over all images of all ranks (collective when a group exists) ->
+    {'logratio_noise_rms': sqrt(mean d^2), 'logratio_noise_max': max |d|, 'logratio_noise_rms_per_step': the T
+    values sqrt(mean over images of d^2) at each step index}. Exactly 0 when both paths compute alike."""
+    d = (recomputed.double() - recorded.double()).flatten(0, 1)  # (images, T)
+    sums = torch.cat([(d**2).sum(dim=0), d.new_tensor([d.shape[0]])])
+    peak = d.abs().max().reshape(1)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(sums)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    per_step = (sums[:-1] / sums[-1]).sqrt()
+    return {
+        "logratio_noise_rms": (per_step**2).mean().sqrt().item(),
+        "logratio_noise_max": peak.item(),
+        "logratio_noise_rms_per_step": per_step.tolist(),
+    }
 
 
 def peak_memory_mb(device):

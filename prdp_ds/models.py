@@ -111,6 +111,27 @@ class Models:
                 m.to(device=device, dtype=frozen_dtype or next(m.parameters()).dtype)
         return self
 
+    def apply_options(self, channels_last=False, compile=False):
+        """model.channels_last / model.compile, after `to` and before the policy is wrapped in a DeepSpeed engine.
+
+        channels_last: the frozen reference UNet in channels_last memory format (NHWC convolutions; on any
+        device). The policy keeps its contiguous layout: DeepSpeed broadcasts and flattens the engine's
+        parameters through byte views that need it (`deepspeed.initialize` fails on channels_last weights).
+        compile: the reference UNet's forward goes through
+        torch.compile (the reference pass); the policy's module is left as it is, since the engine runs its
+        forward with grad in the training passes. A LoRA reference is the policy itself: neither is applied to it.
+        """
+        from prdp_ds.lora import AdaptersDisabled
+
+        if hasattr(self.unet, "module"):
+            raise RuntimeError("Models.apply_options must be called before the UNet is wrapped in a DeepSpeed engine")
+        own_ref = self.ref_unet is not None and not isinstance(self.ref_unet, AdaptersDisabled)
+        if channels_last and own_ref:
+            self.ref_unet.to(memory_format=torch.channels_last)
+        if compile and own_ref:
+            self.ref_unet.forward = torch.compile(self.ref_unet.forward)
+        return self
+
     @property
     def uses_lora(self):
         from prdp_ds.lora import has_lora

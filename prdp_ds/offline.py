@@ -11,6 +11,10 @@ Layout: OFFLINE_DIR/meta.json (what the dataset depends on) and epoch_XXXX_rankR
 per epoch and rank, each written under a .tmp name and renamed. Building skips files that exist,
 so an interrupted build (or training run) continues where it stopped; a dataset made with other
 settings (model, sampler, prompts, seeds, sizes, reward, world size) is refused, naming the key.
+The files hold the latents themselves, so training reads the same rollouts on any device. The per-image
+noise is drawn on the sampling device and its stream differs per device type (prdp_ds.sampler.image_noise):
+meta.json records that type (`noise_device`; 'cpu' for datasets made before it was recorded), and a dataset
+with missing rollouts (of any rank) is completed only on the device type it was started on.
 Disk: (2T + 1) latents of fp32 per image, about 6.6 MB at SD size (T = 50, 4x64x64).
 """
 
@@ -23,8 +27,9 @@ from tqdm import tqdm
 from prdp_ds.sampler import load_rollout, save_rollout
 
 
-def dataset_meta(cfg, world_size, prompts_fingerprint):
-    """Everything an offline rollout depends on, as a flat JSON-able dict."""
+def dataset_meta(cfg, world_size, prompts_fingerprint, noise_device="cpu"):
+    """Everything an offline rollout depends on, as a flat JSON-able dict. noise_device: the device type the
+    rollouts are sampled on ('cpu', 'cuda'), which fixes their noise."""
     return {
         "model.pretrained": cfg.model.pretrained,
         "model.seed": cfg.model.seed,
@@ -39,6 +44,7 @@ def dataset_meta(cfg, world_size, prompts_fingerprint):
         "prompts": prompts_fingerprint,
         "reward": json.dumps(cfg.reward, sort_keys=True),
         "world_size": world_size,
+        "noise_device": noise_device,
     }
 
 
@@ -49,12 +55,19 @@ class OfflineDataset:
     def path(self, epoch):
         return self.dir / f"epoch_{epoch:04d}_rank{self.rank}.safetensors"
 
-    def check_meta(self):
-        """Rank 0 writes meta.json for a new dataset; a different existing one is an error."""
+    def complete(self, epochs):
+        """Whether every rank's rollout of every epoch is on disk."""
+        ranks = range(self.meta["world_size"])
+        return all((self.dir / f"epoch_{e:04d}_rank{r}.safetensors").is_file() for e in range(epochs) for r in ranks)
+
+    def check_meta(self, sampling=True):
+        """Rank 0 writes meta.json for a new dataset; a different existing one is an error. The noise device
+        counts only when rollouts are still to be sampled (sampling=True): stored ones load on any device."""
         meta_file = self.dir / "meta.json"
         if meta_file.is_file():
-            saved = json.loads(meta_file.read_text())
-            diff = [k for k in sorted(set(saved) | set(self.meta)) if saved.get(k) != self.meta.get(k)]
+            saved = {"noise_device": "cpu", **json.loads(meta_file.read_text())}
+            keys = sorted((set(saved) | set(self.meta)) - (set() if sampling else {"noise_device"}))
+            diff = [k for k in keys if saved.get(k) != self.meta.get(k)]
             if diff:
                 raise ValueError(
                     f"algo.offline_dir {self.dir}: the dataset there was made with other settings "
@@ -70,7 +83,7 @@ class OfflineDataset:
     def build(self, epochs, rollout_fn):
         """Sample and score every epoch's rollout that is not on disk yet. rollout_fn(epoch) ->
         (Trajectories, rewards (G, B), reward components), drawn from the reference model."""
-        self.check_meta()
+        self.check_meta(sampling=not self.complete(epochs))
         if dist.is_initialized():
             dist.barrier()  # rank 0 made the folder
         missing = [e for e in range(epochs) if not self.path(e).is_file()]

@@ -6,11 +6,13 @@ Per step, with guided prediction eps_hat = eps_u + w (eps_c - eps_u):
     sigma_t^2 = eta^2 (1 - ab_prev) / (1 - ab_t) (1 - ab_t / ab_prev)
     mu       = sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev - sigma_t^2) eps_hat = a_t x_t + b_t eps_hat
     x_{t-1}  = mu + sigma_t z
-Each image draws its start latent and all step noises from its own seed, so a (seed, prompt)
-gives the same trajectory at any batch size and on any rank. The frozen reference UNet's guided
-prediction eps_ref at the same x_t and the cancellation-free log-ratio r_old (docs/design.md §4) are
-recorded beside the trajectory; images are decoded to [0, 1]. When the policy is the reference
-itself (offline datasets), the reference pass is not repeated: eps_ref is eps_old and r_old = 0.
+Each image draws its start latent and all step noises from its own seed, on the sampling device, so
+a (seed, prompt) gives the same trajectory at any batch size and on any rank of one device type. The
+frozen reference UNet does not steer the trajectory: its guided prediction eps_ref at every recorded x_t
+and the cancellation-free log-ratio r_old (docs/design.md §4) are computed after the policy's loop, over
+all (image, step) rows in large batches (`reference_pass`); images are decoded to [0, 1]. When the policy
+is bit-identical to the reference (offline datasets, a fresh run's first epoch), the reference pass is
+skipped: eps_ref is eps_old and r_old = 0 exactly, what the pass would give.
 A rollout (one rank's trajectories and rewards) is saved to and loaded from safetensors.
 """
 
@@ -126,10 +128,13 @@ def image_seeds(base_seed, epoch, group_ids, images_per_group):
     return torch.tensor(seeds, dtype=torch.int64)
 
 
-def image_noise(seed, num_steps, latent_shape):
-    """(T + 1, C, h, w) fp32 standard normal from one image's seed: x_T, then z for each step."""
-    gen = torch.Generator().manual_seed(int(seed))
-    return torch.randn((num_steps + 1, *latent_shape), generator=gen)
+def image_noise(seed, num_steps, latent_shape, device="cpu"):
+    """(T + 1, C, h, w) fp32 standard normal from one image's seed, drawn on `device` by its own
+    torch.Generator: x_T, then z for each step. The stream is that of the device type: on the CPU it is
+    torch's CPU generator (the numbers this function always gave), while CUDA's Philox stream gives other
+    numbers for the same seed, so a trajectory is reproducible per device type (any rank, any batch size)."""
+    gen = torch.Generator(device=device).manual_seed(int(seed))
+    return torch.randn((num_steps + 1, *latent_shape), generator=gen, device=device)
 
 
 def cfg_predict(unet, x, t, cond, uncond):
@@ -165,6 +170,57 @@ class Trajectories:
         return [p for p in self.prompts for _ in range(self.seeds.shape[1])]
 
 
+def log_ratio_old(eps_old, eps_ref, x_t, x_prev, a, b, sigma, reduction="sum", impl="torch"):
+    """r_old = log pi_old(x_prev | x_t) - log pi_ref(x_prev | x_t) per row, fp32, from the recorded guided eps_old.
+
+    eps_old, eps_ref, x_t, x_prev: (rows, C, h, w); a, b, sigma: scalars or (rows,). eps_old goes in as both CFG
+    halves with guidance 0 (eps_old + 0 (eps_old - eps_old) = eps_old exactly), so impl='torch' gives bitwise what
+    cfg_step_log_ratio gives on the raw outputs eps_old was guided from, and impl='triton' runs the trainer's kernel.
+    """
+    return cfg_step_log_ratio(eps_old, eps_old, 0.0, eps_ref, x_t, x_prev, a, b, sigma, reduction, impl)
+
+
+def reference_rows(n, T, ref_batch_size, batch_size, device):
+    """(image, step) index pairs, two (m,) long tensors, for each reference call over n images x T steps:
+    ref_batch_size rows at a time, step-major (row j is image j % n at step j // n); with ref_batch_size None the
+    sampling loop's own calls (batch_size images at one step), so each call sees the batch an interleaved loop
+    gave it and the results are bitwise the same."""
+    if ref_batch_size is None:
+        for lo in range(0, n, batch_size):
+            i = torch.arange(lo, min(lo + batch_size, n), device=device)
+            for k in range(T):
+                yield i, torch.full_like(i, k)
+        return
+    rows = torch.arange(n * T, device=device)
+    for lo in range(0, n * T, ref_batch_size):
+        j = rows[lo : lo + ref_batch_size]
+        yield j % n, j // n
+
+
+@torch.no_grad()
+def reference_pass(
+    ref_unet, latents, eps_old, cond, uncond, sched, guidance_scale, ref_batch_size, batch_size, reduction, impl
+):
+    """The frozen reference's guided eps_ref at every recorded x_t and r_old, after sampling, in large batches.
+
+    latents: (n, T + 1, C, h, w); eps_old: (n, T, C, h, w) fp32; cond: (n, L, dim); uncond: (1, L, dim);
+    sched: the trajectory's StepSchedule. Returns eps_ref (n, T, C, h, w) fp32 and r_old (n, T) fp32.
+    Each reference CFG call takes the rows `reference_rows` gives (2 x rows UNet rows, each with its own
+    timestep). Memory: what a sampling UNet call at batch size ref_batch_size needs, beside eps_ref itself.
+    """
+    n, T = eps_old.shape[:2]
+    eps_ref = torch.empty_like(eps_old)
+    r_old = torch.empty((n, T), device=eps_old.device)
+    for i, k in reference_rows(n, T, ref_batch_size, batch_size, eps_old.device):
+        x, x_prev = latents[i, k], latents[i, k + 1]
+        ref_u, ref_c = cfg_predict(ref_unet, x, sched.timesteps[k], cond[i], uncond.expand(i.numel(), -1, -1))
+        eps_ref[i, k] = e_ref = guided_eps(ref_u.float(), ref_c.float(), guidance_scale)
+        r_old[i, k] = log_ratio_old(
+            eps_old[i, k], e_ref, x, x_prev, sched.a[k], sched.b[k], sched.sigma[k], reduction, impl
+        )
+    return eps_ref, r_old
+
+
 @torch.no_grad()
 def sample(
     models: Models,
@@ -178,6 +234,8 @@ def sample(
     impl: str = "torch",
     with_reference: bool = True,
     spacing: str = "uniform",
+    ref_batch_size: int | None = None,
+    policy_is_reference: bool = False,
 ) -> Trajectories:
     """Sample G groups x B images (seeds (G, B)) with the policy `models.unet`.
 
@@ -185,8 +243,13 @@ def sample(
     latents (G, B, T + 1, C, h, w), eps_old and eps_ref (G, B, T, C, h, w), log_ratio_old (G, B, T)
     and images (G, B, 3, H, W) in [0, 1].
 
-    batch_size: images per UNet call (the CFG batch is twice that). With with_reference=False only
-    latents and images are filled (evaluation); eps_old, eps_ref and log_ratio_old are None.
+    batch_size: images per policy UNet call (the CFG batch is twice that). ref_batch_size: (image, step) rows
+    per reference UNet call after sampling (`reference_pass`, `reference_rows`); None: the sampling loop's own
+    batches (bitwise what calling the reference beside the policy gives); impl: its log-ratio implementation
+    ('torch' or 'triton'). policy_is_reference: the caller knows the policy is bit-identical to models.ref_unet
+    (no optimizer step applied since a fresh start); then, as when models.unet is models.ref_unet, eps_ref is
+    eps_old (the same tensor) and r_old = 0 without a reference pass. With with_reference=False only latents and
+    images are filled (evaluation); eps_old, eps_ref and log_ratio_old are None.
     """
     G, B = seeds.shape
     if len(prompts) != G:
@@ -202,13 +265,10 @@ def sample(
     uncond = models.encode_prompts([""])
     latents = torch.empty((n, T + 1, *latent_shape), device=device)
     eps_old = torch.empty((n, T, *latent_shape), device=device) if with_reference else None
-    policy_is_reference = models.unet is models.ref_unet
-    eps_ref = torch.empty_like(eps_old) if with_reference and not policy_is_reference else None
-    r_old = torch.empty((n, T), device=device) if with_reference else None
     flat_seeds = seeds.reshape(-1).tolist()
     for lo in range(0, n, batch_size):
         idx = slice(lo, min(lo + batch_size, n))
-        noise = torch.stack([image_noise(s, T, latent_shape) for s in flat_seeds[idx]]).to(device)
+        noise = torch.stack([image_noise(s, T, latent_shape, device) for s in flat_seeds[idx]])
         cond = cond_all[idx]
         unc = uncond.expand(cond.shape[0], -1, -1)
         x = noise[:, 0]
@@ -218,18 +278,28 @@ def sample(
             eps_u, eps_c = cfg_predict(unet, x, t, cond, unc)
             eps = guided_eps(eps_u.float(), eps_c.float(), guidance_scale)
             x_prev = a * x + b * eps + s * noise[:, k + 1]
-            if with_reference and policy_is_reference:
+            if with_reference:
                 eps_old[idx, k] = eps
-                r_old[idx, k] = 0.0
-            elif with_reference:
-                ref_u, ref_c = cfg_predict(models.ref_unet, x, t, cond, unc)
-                eps_ref[idx, k] = guided_eps(ref_u.float(), ref_c.float(), guidance_scale)
-                eps_old[idx, k] = eps
-                r_old[idx, k] = cfg_step_log_ratio(
-                    eps_u, eps_c, guidance_scale, eps_ref[idx, k], x, x_prev, a, b, s, reduction, impl
-                )
             latents[idx, k + 1] = x_prev
             x = x_prev
+    at_reference = policy_is_reference or models.unet is models.ref_unet
+    eps_ref = r_old = None
+    if with_reference and at_reference:
+        r_old = torch.zeros((n, T), device=device)
+    elif with_reference:
+        eps_ref, r_old = reference_pass(
+            models.ref_unet,
+            latents,
+            eps_old,
+            cond_all,
+            uncond,
+            sched,
+            guidance_scale,
+            ref_batch_size,
+            batch_size,
+            reduction,
+            impl,
+        )
     images = torch.cat([models.decode(latents[lo : lo + batch_size, -1]) for lo in range(0, n, batch_size)])
     shape = lambda t: None if t is None else t.reshape(G, B, *t.shape[1:])  # noqa: E731
     eps_old = shape(eps_old)
@@ -238,7 +308,7 @@ def sample(
         seeds,
         shape(latents),
         eps_old,
-        eps_old if policy_is_reference else shape(eps_ref),
+        eps_old if at_reference else shape(eps_ref),
         shape(r_old),
         sched,
         shape(images),

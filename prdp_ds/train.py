@@ -22,17 +22,18 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from prdp_ds import chunking
 from prdp_ds import config as config_lib
 from prdp_ds.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from prdp_ds.ddpo import PerPromptStatTracker, advantages, ddpo_step
 from prdp_ds.engine import batch_arithmetic, build_ds_config, load_ds_json, make_engine, make_optimizer, run_on_ranks
-from prdp_ds.metrics import RunLog, peak_memory_mb
+from prdp_ds.metrics import RunLog, logratio_noise, peak_memory_mb
 from prdp_ds.models import load_models
 from prdp_ds.offline import OfflineDataset, dataset_meta
 from prdp_ds.prompts import PromptSampler, load_prompts, rank_slice
 from prdp_ds.rewards import NonFiniteRewardError, build_reward
 from prdp_ds.sampler import image_seeds, sample, step_schedule
-from prdp_ds.twopass import prdp_step
+from prdp_ds.twopass import policy_log_ratios, prdp_step
 
 DEFAULT_DS_CONFIG = Path(__file__).resolve().parent.parent / "ds_configs" / "zero2.json"
 EVAL_EPOCH = 2**31 - 1  # eval grids draw seeds as if from this epoch id: never a training epoch
@@ -107,11 +108,11 @@ class Preemption:
 
 
 class Trainer:
-    def __init__(self, cfg, ds_json, output_dir, rank, world, device):
+    def __init__(self, cfg, ds_json, output_dir, rank, world, device, resume=None):
         self.cfg, self.output_dir, self.rank, self.world, self.device = cfg, Path(output_dir), rank, world, device
-        self.arith = batch_arithmetic(cfg, world)
         self.reward_fn = build_reward(cfg.reward, device)  # fails here, before any sampling
-        self.ds_config = build_ds_config(ds_json, cfg, world)
+        # checks the JSON and the split before any model loads; 'auto' chunk sizes are resolved below
+        self.ds_config = build_ds_config(ds_json, chunking.cpu_rule(cfg, world), world)
         self.models = load_models(cfg.model.pretrained, cfg.model.seed)
         if cfg.model.lora_rank != 0:  # adapters only; the reference is the same UNet with them disabled
             self.models.add_lora(cfg.model.lora_rank, cfg.model.lora_alpha)
@@ -124,8 +125,16 @@ class Trainer:
         # frozen parts in the policy's compute dtype: at theta = ref both round alike and r = 0 exactly
         bf16 = self.ds_config["bf16"]["enabled"]
         self.models.to(device, frozen_dtype=torch.bfloat16 if bf16 else None)
+        self.models.apply_options(cfg.model.channels_last, cfg.model.compile)
         if cfg.model.gradient_checkpointing:
             self.models.unet.enable_gradient_checkpointing()
+        # 'auto' chunk sizes: before the engine, whose gradient_accumulation_steps is the chunk count
+        ckpt = find_checkpoint(self.output_dir, resume) if resume and chunking.auto_keys(cfg) else None
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        self.cfg, self.chunk_note = chunking.resolve(cfg, world, device, self.models, dtype, ckpt)
+        cfg = self.cfg
+        self.arith = batch_arithmetic(cfg, world)
+        self.ds_config = build_ds_config(ds_json, cfg, world)
         offload = self.ds_config["zero_optimization"].get("offload_optimizer", {}).get("device") == "cpu"
         unet = self.models.unet
         trainable = [q for q in unet.parameters() if q.requires_grad]
@@ -143,7 +152,7 @@ class Trainer:
             if cfg.algo.online
             else OfflineDataset(
                 cfg.algo.offline_dir or self.output_dir / "offline",
-                dataset_meta(cfg, world, self.prompts.fingerprint),
+                dataset_meta(cfg, world, self.prompts.fingerprint, device.type),
                 rank,
             )
         )
@@ -161,6 +170,8 @@ class Trainer:
             return
         print("resolved training config:\n" + config_lib.dump(self.cfg), flush=True)
         print("batch arithmetic: " + json.dumps(self.arith), flush=True)
+        if self.chunk_note:
+            print(self.chunk_note, flush=True)
         print(self.prompts.summary(), flush=True)
         if self.prompt_sampler.repeats_within_epoch:
             print(
@@ -177,9 +188,10 @@ class Trainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         (self.output_dir / "config.yaml").write_text(config_lib.dump(self.cfg))
 
-    def rollout(self, epoch, from_reference=False):
+    def rollout(self, epoch, from_reference=False, policy_is_reference=False):
         """Sample this rank's groups for `epoch` with the policy (or the reference) and score them
-        -> (traj, rewards (G,B), parts, seconds)."""
+        -> (traj, rewards (G,B), parts, seconds). policy_is_reference: no optimizer step applied since a fresh
+        start, so the policy is bit-identical to the reference and the sampler skips the reference pass."""
         cfg, s = self.cfg, self.cfg.sampler
         models = dataclasses.replace(self.models, unet=self.models.ref_unet) if from_reference else self.models
         start = time.perf_counter()
@@ -197,6 +209,8 @@ class Trainer:
             cfg.loss.reduction,
             self.impl,
             spacing=s.spacing,
+            ref_batch_size=s.ref_batch_size,
+            policy_is_reference=policy_is_reference,
         )
         G, B = seeds.shape
         try:
@@ -242,6 +256,7 @@ class Trainer:
         if self.tracker is not None:  # DDPO: this epoch's rewards enter the tracker once
             tracker_before = self.tracker.state_dict()
             adv = advantages(self.tracker, traj, rewards, cfg.ddpo)
+        noise = self.logratio_noise(epoch, traj, cond, uncond) if first_k == 0 else {}
         steps, k = [], first_k
         while k < cfg.train.steps_per_epoch:
             if self.tracker is None:
@@ -289,12 +304,31 @@ class Trainer:
             "steps_skipped": len(steps) - len(applied),
             **_mean_all(local, self.device),
             **components,
+            **noise,
             "sample_s": sample_s,
             "train_s": train_s,
             "images_per_s": n / max(sample_s + train_s, 1e-9),
             "peak_mem_mb": peak_memory_mb(self.device),
         }
         return record
+
+    def logratio_noise(self, epoch, traj, cond, uncond):
+        """Every output.noise_every epochs of online PRDP, before the epoch's first optimizer step (theta = theta_old):
+        r recomputed by pass 1 minus r recorded by the sampler -> metrics.logratio_noise's record, or {}.
+        Rank 0 warns when its max exceeds loss.clip_range: the proximal clip of steps 2..K then acts on noise."""
+        cfg = self.cfg
+        every = cfg.output.noise_every
+        if not (every and epoch % every == 0 and cfg.algo.online and self.tracker is None):
+            return {}
+        r = policy_log_ratios(self.engine, traj, cond, uncond, cfg, self.impl)
+        noise = logratio_noise(r, traj.log_ratio_old)
+        if noise["logratio_noise_max"] > cfg.loss.clip_range:
+            self.say(
+                f"warning: epoch {epoch}: log-ratio noise (r recomputed at theta_old - r sampled) reaches "
+                f"{noise['logratio_noise_max']:.3g} nats > loss.clip_range {cfg.loss.clip_range:.3g}: "
+                "the clip of steps 2..K acts on numerical noise (precision: docs/outputs.md)"
+            )
+        return noise
 
     def state(self, epoch, step_in_epoch, tracker_state=None):
         """What trainer_state.json holds besides the engine: position, DDPO statistics."""
@@ -359,7 +393,7 @@ class Trainer:
                 (traj, rewards, parts), sample_s = self.offline.load(epoch, self.schedule, self.device), 0.0
                 first_k = first_k if epoch == start_epoch else 0
             else:
-                traj, rewards, parts, sample_s = self.rollout(epoch)
+                traj, rewards, parts, sample_s = self.rollout(epoch, policy_is_reference=ckpt is None and epoch == 0)
                 first_k = 0
             record = self.train_epoch(epoch, traj, rewards, parts, sample_s, first_k, preempt)
             last = epoch == cfg.train.epochs - 1
@@ -396,7 +430,9 @@ def main(argv=None):
         sys.exit(f"prdp_ds.train: {err}")
     run_on_ranks(
         "prdp_ds.train",
-        lambda rank, world, device: Trainer(cfg, ds_json, args.output_dir, rank, world, device).run(args.resume),
+        lambda rank, world, device: Trainer(cfg, ds_json, args.output_dir, rank, world, device, args.resume).run(
+            args.resume
+        ),
     )
 
 

@@ -125,7 +125,7 @@ def prdp_step(
         r = chunk_log_ratios(engine, traj, cond, uncond, images, steps, cfg, impl)
         bad_ratio = torch.maximum(bad_ratio, (~torch.isfinite(r.detach())).any().float())
         engine.backward((g[images, steps] * r).sum(), scale_wrt_gas=False)
-        engine.step()
+        engine.step()  # the optimizer steps at the last chunk (the boundary); ZeRO-1 reduces only there (§8)
     grad_norm = engine.get_global_grad_norm()
     grad_norm = float("nan") if grad_norm is None else float(grad_norm)
     global_loss = all_reduce(loss.detach().clone()).item() / (dist.get_world_size() if dist.is_initialized() else 1)

@@ -3,6 +3,7 @@
 import pytest
 
 from prdp_ds import config as config_lib
+from prdp_ds.chunking import cpu_rule
 from prdp_ds.config import ConfigError, from_dict, resolve, to_dict
 from prdp_ds.engine import batch_arithmetic
 
@@ -11,7 +12,7 @@ from prdp_ds.engine import batch_arithmetic
 def test_every_preset_resolves_round_trips_and_splits(name):
     cfg = resolve(name)
     assert to_dict(from_dict(to_dict(cfg))) == to_dict(cfg)
-    batch_arithmetic(cfg, 1)  # raises on an impossible split
+    batch_arithmetic(cpu_rule(cfg, 1), 1)  # raises on an impossible split ('auto' chunks as on a CPU)
 
 
 def test_the_world_presets_use_the_world():
@@ -42,6 +43,32 @@ def test_a_reward_override_replaces_the_whole_mapping():
     assert cfg.reward == {"world_aesthetic": 1.0, "world_judge": 0.0}
 
 
+def test_the_paper_presets_size_their_chunks_to_the_device():
+    for name in ("small", "large", "multi_reward"):
+        t = resolve(name).train
+        assert (t.images_per_chunk, t.steps_per_chunk, t.memory_margin) == ("auto", "auto", 0.2)
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("train.images_per_chunk=auto", "auto"),
+        ("train.images_per_chunk=7", 7),
+        ("train.steps_per_chunk=auto", "auto"),
+        ("train.steps_per_chunk=1", 1),
+        ("train.memory_margin=0", 0.0),
+        ("train.memory_margin=0.35", 0.35),
+        ("output.noise_every=0", 0),
+        ("output.noise_every=3", 3),
+    ],
+)
+def test_chunk_sizes_take_an_int_or_auto_and_the_margin_and_noise_keys_resolve(text, value):
+    key, _, _ = text.partition("=")
+    section, name = key.split(".")
+    got = getattr(getattr(resolve("tiny_demo", overrides=[text]), section), name)
+    assert got == value and type(got) is type(value)
+
+
 @pytest.mark.parametrize(
     "text, match",
     [
@@ -52,6 +79,17 @@ def test_a_reward_override_replaces_the_whole_mapping():
         ("prompts.template={}", "prompts.template: expected str"),  # unquoted braces are a YAML mapping
         ("train=3", "train: expected a mapping"),
         ("nokey", "--set expects key=value"),
+        ("train.images_per_chunk=0", "train.images_per_chunk: expected a positive int or 'auto', got 0"),
+        ("train.images_per_chunk=-2", "train.images_per_chunk: expected a positive int or 'auto'"),
+        ("train.images_per_chunk=2.5", "train.images_per_chunk: expected a positive int or 'auto'"),
+        ("train.steps_per_chunk=max", "train.steps_per_chunk: expected a positive int or 'auto', got 'max'"),
+        ("train.steps_per_chunk=true", "train.steps_per_chunk: expected a positive int or 'auto'"),
+        ("train.steps_per_chunk=[1]", "train.steps_per_chunk: expected a positive int or 'auto'"),
+        ("train.memory_margin=1", r"train.memory_margin: expected a float in \[0, 1\)"),
+        ("train.memory_margin=-0.1", r"train.memory_margin: expected a float in \[0, 1\)"),
+        ("train.memory_margin=auto", "train.memory_margin: expected float"),
+        ("output.noise_every=1.5", "output.noise_every: expected int"),
+        ("output.noise_every=-1", "output.noise_every: expected at least 0, got -1"),
     ],
 )
 def test_bad_overrides_name_the_key_and_what_was_expected(text, match):

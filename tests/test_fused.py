@@ -9,6 +9,7 @@ import torch
 
 import kernels.utils as ku
 from kernels import fused_prdp_loss_triton, rdp_loss_triton, step_log_ratio_triton
+from kernels.fused import BACKWARDS
 from prdp_ds.logratio import cfg_step_log_ratio
 from prdp_ds.loss import rdp_loss
 
@@ -106,11 +107,12 @@ def assert_rule(name, fast, torch_ref, exact, atol):
     assert e_fast <= 2 * e_ref + atol, f"{name}: kernel err {e_fast:.3e} > 2 x torch err {e_ref:.3e} + {atol:.1e}"
 
 
-def check_against_refs(kw, upstream=1.7):
+def check_against_refs(kw, upstream=1.7, **opts):
+    """opts: keyword arguments of the fused op only (backward=...)."""
     eu, ec = kw["eps_uncond"], kw["eps_cond"]
     leaves = {k: (eu.clone().requires_grad_(), ec.clone().requires_grad_()) for k in ("k", "t")}
     leaves["64"] = (eu.double().requires_grad_(), ec.double().requires_grad_())
-    L_k = fused_prdp_loss_triton(**dict(kw, eps_uncond=leaves["k"][0], eps_cond=leaves["k"][1]))
+    L_k = fused_prdp_loss_triton(**dict(kw, eps_uncond=leaves["k"][0], eps_cond=leaves["k"][1]), **opts)
     L_t = torch_reference(kw, *leaves["t"])
     L_64 = torch_reference(kw, *leaves["64"], dtype=torch.float64)
     assert L_k.shape == () and L_k.dtype == torch.float32 and torch.isfinite(L_k)
@@ -134,8 +136,9 @@ CASES = [  # G, B, T, latent
 
 @pytest.mark.parametrize("G,B,T,latent", CASES)
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
-def test_matches_fp64(poison, G, B, T, latent, reduction):
-    check_against_refs(make_inputs(G, B, T, latent, reduction=reduction, seed=G + B + T))
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_matches_fp64(poison, G, B, T, latent, reduction, backward):
+    check_against_refs(make_inputs(G, B, T, latent, reduction=reduction, seed=G + B + T), backward=backward)
 
 
 @pytest.mark.parametrize("clip", ["active", "inactive", "mixed"])
@@ -146,8 +149,9 @@ def test_clip_regimes(poison, clip):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("G,B,T,latent", [(2, 2, 3, (4, 7, 9)), (1, 17, 50, (3,))])
-def test_low_precision_eps(poison, dtype, G, B, T, latent):
-    check_against_refs(make_inputs(G, B, T, latent, dtype=dtype, seed=41))
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_low_precision_eps(poison, dtype, G, B, T, latent, backward):
+    check_against_refs(make_inputs(G, B, T, latent, dtype=dtype, seed=41), backward=backward)
 
 
 def test_scalar_coefficients_and_tied_rewards(poison):
@@ -194,7 +198,7 @@ def test_equals_composition_of_the_two_kernels(poison):
 
 
 def test_memory_bounded(monkeypatch):
-    """No (G, B, T, D)-sized buffer besides the two gradients is allocated or saved."""
+    """backward="recompute": no (G, B, T, D)-sized buffer besides the two gradients is allocated or saved."""
     kw = make_inputs(2, 3, 4, (4, 7, 9), seed=71)
     G, B, T = kw["log_ratios_old"].shape
     rows, full = G * B * T, kw["eps_uncond"].numel()
@@ -211,13 +215,129 @@ def test_memory_bounded(monkeypatch):
     inputs = [eu, ec, kw["eps_ref"], kw["x_t"], kw["x_prev"]]
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        L = fused_prdp_loss_triton(**dict(kw, eps_uncond=eu, eps_cond=ec))
+        L = fused_prdp_loss_triton(**dict(kw, eps_uncond=eu, eps_cond=ec), backward="recompute")
     assert max(sizes) <= rows
     for t in saved:
         assert t.numel() <= rows or any(t.data_ptr() == x.data_ptr() for x in inputs)
     sizes.clear()
     L.backward()
     assert sorted(sizes) == [full, full]
+
+
+def test_memory_residual(monkeypatch):
+    """backward="residual": the forward allocates one (G, B, T, D) fp32 buffer (the residual) and saves no
+    input; the backward allocates only the two gradients; without grad no residual is written."""
+    kw = make_inputs(2, 3, 4, (4, 7, 9), dtype=torch.bfloat16, seed=72)
+    G, B, T = kw["log_ratios_old"].shape
+    rows, full = G * B * T, kw["eps_uncond"].numel()
+    allocs = []
+    real = ku.empty_out
+
+    def recording(shape, dtype, device):
+        out = real(shape, dtype, device)
+        allocs.append((out.numel(), dtype))
+        return out
+
+    monkeypatch.setattr(ku, "empty_out", recording)
+    eu, ec = kw["eps_uncond"].clone().requires_grad_(), kw["eps_cond"].clone().requires_grad_()
+    inputs = [eu, ec, kw["eps_ref"], kw["x_t"], kw["x_prev"]]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        L = fused_prdp_loss_triton(**dict(kw, eps_uncond=eu, eps_cond=ec))
+    assert [a for a in allocs if a[0] > rows] == [(full, torch.float32)]
+    assert sorted(t.numel() for t in saved) == [rows, full]
+    assert not any(t.data_ptr() == x.data_ptr() for t in saved for x in inputs)
+    allocs.clear()
+    L.backward()
+    assert sorted(allocs) == [(full, torch.bfloat16), (full, torch.bfloat16)]
+    allocs.clear()
+    with torch.no_grad():
+        fused_prdp_loss_triton(**dict(kw, eps_uncond=eu, eps_cond=ec))
+    assert max(n for n, _ in allocs) <= rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "G,B,T,latent,seed",
+    [(3, 5, 7, (3, 5, 11), 101), (1, 9, 13, (127,), 102), (2, 3, 50, (4, 9, 9), 103), (5, 2, 3, (1, 3, 3), 104)],
+)
+def test_residual_backward_fresh_odd_shapes(poison, dtype, G, B, T, latent, seed):
+    """The residual backward against fp64 (tolerance rule) on fresh inputs, both reductions, one input
+    differentiable at a time included (only the requested gradient is written)."""
+    for reduction in ("sum", "mean"):
+        check_against_refs(make_inputs(G, B, T, latent, dtype=dtype, reduction=reduction, seed=seed), upstream=-0.6)
+    kw = make_inputs(G, B, T, latent, dtype=dtype, seed=seed + 50)
+    ec = kw["eps_cond"].clone().requires_grad_()
+    (g,) = torch.autograd.grad(fused_prdp_loss_triton(**dict(kw, eps_cond=ec)), ec)
+    ec_r = kw["eps_cond"].clone().requires_grad_()
+    (g_r,) = torch.autograd.grad(fused_prdp_loss_triton(**dict(kw, eps_cond=ec_r), backward="recompute"), ec_r)
+    assert g.dtype == dtype and torch.isfinite(g).all()
+    torch.testing.assert_close(g, g_r, rtol=1e-5, atol=1e-6 * g_r.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_designs_give_the_same_loss_and_gradients(poison, dtype):
+    """residual and recompute form u = x_prev - mu_theta the same way: same loss, same gradients."""
+    kw = make_inputs(3, 4, 6, (5, 7), dtype=dtype, seed=111)
+    out = {}
+    for backward in BACKWARDS:
+        eu, ec = kw["eps_uncond"].clone().requires_grad_(), kw["eps_cond"].clone().requires_grad_()
+        L = fused_prdp_loss_triton(**dict(kw, eps_uncond=eu, eps_cond=ec), backward=backward)
+        out[backward] = (L, *torch.autograd.grad(2.5 * L, (eu, ec)))
+    for x, y in zip(out["residual"], out["recompute"]):
+        if dtype == torch.float32:
+            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7 * y.abs().max().item())
+        else:  # at most one rounding step of the storage dtype apart (compiled kernels may contract differently)
+            torch.testing.assert_close(x.float(), y.float(), rtol=2 * torch.finfo(dtype).eps, atol=0)
+
+
+def test_residual_survives_retain_graph(poison):
+    """A second backward through a retained graph reads the same residual (not overwritten)."""
+    kw = make_inputs(2, 3, 4, (6,), seed=121)
+    eu = kw["eps_uncond"].clone().requires_grad_()
+    L = fused_prdp_loss_triton(**dict(kw, eps_uncond=eu))
+    (g1,) = torch.autograd.grad(L, eu, retain_graph=True)
+    (g2,) = torch.autograd.grad(L, eu)
+    assert torch.equal(g1, g2)
+
+
+def paper_beta_inputs(G, B, T, latent, seed):
+    """The paper's regime (tests/test_loss.py::paper_scale_inputs) reached through latents: beta = 3e-5,
+    clip 1e-4, eps_ref within 1e-4 of eps_hat so |r| ~ 1e-3, r_old = exact r - 6e-5 * noise (a few steps
+    clipped), reward gaps ~0.01: the pair targets reach ~1e3 and e, e' of most pairs round alike in fp32.
+    -> (the fused op's keyword arguments, exact r (G, B, T) fp64)."""
+    kw = make_inputs(G, B, T, latent, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1000)
+    eu, ec = kw["eps_uncond"].double(), kw["eps_cond"].double()
+    eh = eu + W * (ec - eu)
+    kw["eps_ref"] = (eh + 1e-4 * torch.randn(eh.shape, generator=g, dtype=torch.float64).to(DEVICE)).float()
+    r = _r64(eu, ec, kw["eps_ref"], kw["x_t"], kw["x_prev"], kw["a"], kw["b"], kw["sigma"], "sum")
+    kw["log_ratios_old"] = (r - 6e-5 * torch.randn(r.shape, generator=g, dtype=torch.float64).to(DEVICE)).float()
+    kw["rewards"] = 0.01 * torch.randn(G, B, generator=g).to(DEVICE)
+    kw["clip_range"], kw["kl_weight"] = 1e-4, 3e-5
+    return kw, r
+
+
+@pytest.mark.parametrize("G,B,T,latent,seed", [(3, 6, 20, (5, 3), 1), (2, 17, 7, (11,), 2), (4, 5, 50, (3, 3), 3)])
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_max_branch_at_paper_beta(poison, G, B, T, latent, seed, backward):
+    """beta = 3e-5, clip 1e-4 through the fused op: which of e^2, e'^2 is larger is decided from R - C (the
+    max-branch fix, docs/design.md §5), so the fp32 gradient matches fp64 to ~1e-6 of its scale although
+    e and e' of >= half the pairs round alike in fp32 (a comparison of the rounded squares misses dL/dr by
+    20-46% of its scale on these inputs)."""
+    kw, r = paper_beta_inputs(G, B, T, latent, seed)
+    lo, hi = kw["log_ratios_old"].double() - 1e-4, kw["log_ratios_old"].double() + 1e-4
+    R, C = r.float().mean(-1), torch.clamp(r, lo, hi).float().mean(-1)  # (G, B) fp32
+    target = (kw["rewards"][:, :, None] - kw["rewards"][:, None, :]) / kw["kl_weight"]
+    e, e_clip = R[:, :, None] - R[:, None, :] - target, C[:, :, None] - C[:, None, :] - target
+    assert (e == e_clip)[target > 0].float().mean() >= 0.5  # the regime is real: ties in fp32
+    assert ((r < lo) | (r > hi)).any()  # and some steps are clipped
+    _, (g_u, g_c) = check_against_refs(kw, upstream=1.0, backward=backward)
+    e64 = (kw["eps_uncond"].double().requires_grad_(), kw["eps_cond"].double().requires_grad_())
+    g64 = torch.autograd.grad(torch_reference(kw, *e64, dtype=torch.float64), e64)
+    for g, ref in zip((g_u, g_c), g64):
+        rel = (g.double() - ref).abs().max() / ref.abs().max()
+        assert rel < 1e-5, f"fused gradient off by {rel:.2e} of its scale"
 
 
 def test_non_contiguous_inputs(poison):
@@ -254,3 +374,5 @@ def test_validation_errors():
         f(kl_weight=-1.0)
     with pytest.raises(ValueError, match="reduction"):
         f(reduction="none")
+    with pytest.raises(ValueError, match="backward must be one of"):
+        f(backward="saved")

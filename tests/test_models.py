@@ -2,7 +2,9 @@ import json
 
 import pytest
 import torch
+from helpers import _cfg
 
+from prdp_ds.engine import build_ds_config, make_engine
 from prdp_ds.models import ModelLoadError, OpenClipTokenizer, build_tiny, load_models, load_pretrained, make_scheduler
 
 
@@ -93,3 +95,69 @@ def test_scheduler_options_the_sampler_cannot_express_are_refused(bad):
 
     with pytest.raises(ModelLoadError, match="clip_sample=False"):
         make_scheduler({**SD14_SCHEDULER, **bad})
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_channels_last_gives_the_contiguous_eps_within_rounding_of_fp64(rows):
+    import copy
+
+    from prdp_ds.sampler import cfg_predict
+
+    m = build_tiny(0)
+    fp64 = copy.deepcopy(m.unet).double()
+    m.apply_options(channels_last=True)
+    assert m.ref_unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not m.ref_unet.conv_in.weight.is_contiguous() and m.unet.conv_in.weight.is_contiguous()
+    plain = build_tiny(0).unet
+    gen = torch.Generator().manual_seed(rows)
+    x, cond, uncond = (torch.randn(shape, generator=gen) for shape in ((rows, 4, 8, 8), (rows, 16, 32), (rows, 16, 32)))
+    t = torch.randint(0, 1000, (rows,), generator=gen)
+    x_cl = x.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        exact = cfg_predict(fp64, x.double(), t, cond.double(), uncond.double())
+        for got, want, ref in zip(
+            cfg_predict(m.ref_unet, x_cl, t, cond, uncond), cfg_predict(plain, x, t, cond, uncond), exact
+        ):
+            err, plain_err = (got.double() - ref).abs().max(), (want.double() - ref).abs().max()
+            assert err <= 2 * plain_err + 1e-6, (err, plain_err)
+
+
+def test_channels_last_leaves_a_policy_deepspeed_can_wrap():
+    """deepspeed.initialize broadcasts parameters through byte views: channels_last weights made it fail."""
+    m = build_tiny(0).apply_options(channels_last=True)
+    engine = make_engine(
+        m.unet,
+        build_ds_config({"zero_allow_untested_optimizer": True}, _cfg(1, 2, 1e-3), 1),
+        torch.optim.SGD(m.unet.parameters(), lr=0.0),
+    )
+    assert engine.module is m.unet
+
+
+def test_compile_option_compiles_the_reference_forward_only(monkeypatch):
+    """torch.compile of the tiny UNet takes minutes on 2 CPU cores: the test checks the wiring, not the compiler."""
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn: compiled.append(fn) or fn)
+    m = build_tiny(0)
+    unet_forward = m.unet.forward
+    m.apply_options(compile=True)
+    assert len(compiled) == 1 and compiled[0].__self__ is m.ref_unet and "forward" in vars(m.ref_unet)
+    assert m.unet.forward == unet_forward and "forward" not in vars(m.unet)
+    lora = build_tiny(0).add_lora(2)
+    lora.apply_options(channels_last=True, compile=True)  # the reference is the policy itself: left alone
+    assert len(compiled) == 1 and lora.unet.conv_in.weight.is_contiguous()
+    wrapped = build_tiny(0)
+    wrapped.unet.module = wrapped.unet  # stands in for a DeepSpeed engine
+    with pytest.raises(RuntimeError, match="before the UNet is wrapped"):
+        wrapped.apply_options(channels_last=True)
+
+
+def test_model_options_are_config_keys_checked_at_resolution():
+    from prdp_ds.config import ConfigError, resolve
+
+    cfg = resolve("tiny_demo", overrides=["model.channels_last=true", "model.compile=true"])
+    assert cfg.model.channels_last is True and cfg.model.compile is True
+    assert resolve().model.channels_last is False and resolve().model.compile is False
+    with pytest.raises(ConfigError, match="model.compile: expected bool"):
+        resolve("tiny_demo", overrides=["model.compile=1"])
+    with pytest.raises(ConfigError, match="sampler.ref_batch_size: expected at least 1, got 0"):
+        resolve("tiny_demo", overrides=["sampler.ref_batch_size=0"])

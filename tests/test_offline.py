@@ -63,3 +63,28 @@ def test_an_interrupted_dataset_is_completed_and_a_changed_one_refused(tmp_path)
     proc = run(["--output-dir", str(tmp_path / "d"), *common, "--set", "sampler.spacing=quadratic"], check=False)
     assert proc.returncode != 0 and "sampler.spacing: 'uniform' there, 'quadratic' now" in proc.stderr
     assert json.loads((data / "meta.json").read_text())["sampler.guidance_scale"] == 5.0
+
+
+def test_noise_device_is_recorded_and_a_dataset_is_completed_only_on_its_device_type(tmp_path):
+    from prdp_ds.config import Config
+    from prdp_ds.offline import OfflineDataset, dataset_meta
+
+    meta = dataset_meta(Config(), 2, "fp", "cpu")
+    assert meta["noise_device"] == "cpu" and dataset_meta(Config(), 2, "fp", "cuda")["noise_device"] == "cuda"
+    made_on_cuda = {**meta, "noise_device": "cuda"}
+    (tmp_path / "meta.json").write_text(json.dumps(made_on_cuda))
+    never = lambda epoch: pytest.fail("nothing is to be sampled")  # noqa: E731
+    with pytest.raises(ValueError, match="noise_device: 'cuda' there, 'cpu' now"):
+        OfflineDataset(tmp_path, meta, 0).build(2, never)  # rollouts missing: they would get other noise
+    for epoch in range(2):
+        for rank in range(2):
+            (tmp_path / f"epoch_{epoch:04d}_rank{rank}.safetensors").write_bytes(b"")
+    OfflineDataset(tmp_path, meta, 0).build(2, never)  # complete: the stored latents load on any device
+    (tmp_path / "epoch_0001_rank1.safetensors").unlink()  # another rank's rollout missing: refused on every rank
+    with pytest.raises(ValueError, match="noise_device"):
+        OfflineDataset(tmp_path, meta, 0).build(2, never)
+    older = {k: v for k, v in made_on_cuda.items() if k != "noise_device"}  # before the key: drawn on the CPU
+    (tmp_path / "meta.json").write_text(json.dumps(older))
+    OfflineDataset(tmp_path, meta, 0).check_meta(sampling=True)
+    with pytest.raises(ValueError, match="noise_device: 'cpu' there, 'cuda' now"):
+        OfflineDataset(tmp_path, {**meta, "noise_device": "cuda"}, 0).check_meta(sampling=True)

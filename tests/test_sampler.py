@@ -154,3 +154,153 @@ def test_seeds_are_a_function_of_global_ids():
     b = image_seeds(7, 3, [6], 4)
     assert torch.equal(a[1], b[0]) and len(set(a.reshape(-1).tolist())) == 8
     assert not torch.equal(image_seeds(7, 4, [6], 4), b)
+
+
+def interleaved(models, prompts, seeds, T, impl="torch"):
+    """The sampler as it was: the reference UNet called beside the policy at every step, all images in one batch
+    -> latents (n, T + 1, ...), eps_old, eps_ref (n, T, ...), r_old (n, T), all fp32 (the plain reference)."""
+    from prdp_ds.logratio import cfg_step_log_ratio, guided_eps
+
+    s, n = step_schedule(models.scheduler, T), seeds.numel()
+    cond = models.encode_prompts(prompts).repeat_interleave(seeds.shape[1], dim=0)
+    uncond = models.encode_prompts([""]).expand(n, -1, -1)
+    noise = torch.stack([image_noise(q, T, (4, 8, 8)) for q in seeds.reshape(-1).tolist()])
+    x, lat, old, ref, r = noise[:, 0], [noise[:, 0]], [], [], []
+    with torch.no_grad():
+        for k in range(T):
+            t, a, b, sg = s.timesteps[k], s.a[k], s.b[k], s.sigma[k]
+            eu, ec = cfg_predict(models.unet, x, t, cond, uncond)
+            eps = guided_eps(eu.float(), ec.float(), W)
+            x_prev = a * x + b * eps + sg * noise[:, k + 1]
+            ru, rc = cfg_predict(models.ref_unet, x, t, cond, uncond)
+            ref.append(guided_eps(ru.float(), rc.float(), W))
+            r.append(cfg_step_log_ratio(eu, ec, W, ref[-1], x, x_prev, a, b, sg, "sum", impl))
+            old.append(eps)
+            lat.append(x_prev)
+            x = x_prev
+    return torch.stack(lat, 1), torch.stack(old, 1), torch.stack(ref, 1), torch.stack(r, 1)
+
+
+def test_reference_pass_after_sampling_equals_the_interleaved_loop_bitwise_at_the_same_batches(models):
+    prompts, seeds, T = ["a red fox", "a cat"], image_seeds(2, 0, [1, 5], 3), 4
+    traj = sample(models, prompts, seeds, T, W, batch_size=6, ref_batch_size=6)  # one step of all 6 images per call
+    want = interleaved(models, prompts, seeds, T)
+    default = sample(models, prompts, seeds, T, W, batch_size=6)  # ref_batch_size None: the loop's own batches
+    for traj_ in (traj, default):
+        got = [traj_.flat(f) for f in ("latents", "eps_old", "eps_ref", "log_ratio_old")]
+        for name, g, w in zip(("latents", "eps_old", "eps_ref", "log_ratio_old"), got, want):
+            assert torch.equal(g, w), name
+    assert traj.log_ratio_old.abs().min() > 0
+
+
+def fp64_reference(models, traj, W):
+    """eps_ref (n, T, ...) and r_old (n, T) in fp64 at the recorded latents, from an fp64 copy of the reference."""
+    import copy
+
+    ref64 = copy.deepcopy(models.ref_unet).double()
+    s, lat, n, T = traj.schedule, traj.flat("latents").double(), traj.seeds.numel(), traj.schedule.a.numel()
+    cond = models.encode_prompts(traj.prompts).repeat_interleave(traj.seeds.shape[1], dim=0).double()
+    uncond = models.encode_prompts([""]).double().expand(n, -1, -1)
+    eps_ref, r = [], []
+    with torch.no_grad():
+        for k in range(T):
+            x, x_prev = lat[:, k], lat[:, k + 1]
+            eu, ec = cfg_predict(ref64, x, s.timesteps[k], cond, uncond)
+            e_ref, e_old = eu + W * (ec - eu), traj.flat("eps_old")[:, k].double()
+            a, b, sg = (float(v[k]) for v in (s.a, s.b, s.sigma))
+            r.append(
+                ((b * (e_old - e_ref)) * (2 * x_prev - 2 * a * x - b * (e_old + e_ref))).sum((1, 2, 3)) / (2 * sg**2)
+            )
+            eps_ref.append(e_ref)
+    return torch.stack(eps_ref, 1), torch.stack(r, 1)
+
+
+@pytest.mark.parametrize("ref_batch_size, impl", [(1, "torch"), (5, "torch"), (64, "torch"), (5, "triton")])
+def test_reference_pass_at_other_batch_sizes_is_within_rounding_of_fp64_and_leaves_the_trajectory(
+    models, ref_batch_size, impl
+):
+    prompts, seeds, T = ["a dog", "a bird"], image_seeds(3, 1, [0, 2], 3), 4
+    base = sample(models, prompts, seeds, T, W, batch_size=4)
+    traj = sample(models, prompts, seeds, T, W, batch_size=4, impl=impl, ref_batch_size=ref_batch_size)
+    assert torch.equal(traj.latents, base.latents) and torch.equal(traj.eps_old, base.eps_old)
+    assert torch.equal(traj.latents, sample(models, prompts, seeds, T, W, batch_size=4, with_reference=False).latents)
+    eps64, r64 = fp64_reference(models, traj, W)
+    _, _, eps32, r32 = interleaved(models, prompts, seeds, T)  # plain fp32 at other batches
+    for got, plain, exact in ((traj.flat("eps_ref"), eps32, eps64), (traj.flat("log_ratio_old"), r32, r64)):
+        err, plain_err = (got.double() - exact).abs().max(), (plain.double() - exact).abs().max()
+        assert err <= 2 * plain_err + 1e-6 * exact.abs().max(), (err, plain_err)
+
+
+@pytest.mark.parametrize("lora_rank", [0, 2])
+def test_a_policy_known_to_be_the_reference_skips_the_pass_and_gets_what_the_pass_gives(lora_rank):
+    m = build_tiny(1)  # fresh: the policy equals the reference (with LoRA: B = 0, adapters disabled)
+    if lora_rank:
+        m.add_lora(lora_rank)
+    calls = []
+    if not lora_rank:  # (a LoRA reference is a view of the policy module: no module of its own to hook)
+        m.ref_unet.register_forward_hook(lambda *args: calls.append(1))
+    prompts, seeds = ["a cat"], image_seeds(0, 3, [0], 4)
+    skip = sample(m, prompts, seeds, 3, W, batch_size=4, policy_is_reference=True)
+    assert not calls
+    computed = sample(m, prompts, seeds, 3, W, batch_size=4, ref_batch_size=4)
+    assert lora_rank or len(calls) == 3  # the pass ran: one reference call per step
+    assert skip.eps_ref is skip.eps_old and torch.equal(skip.log_ratio_old, torch.zeros(1, 4, 3))
+    assert torch.equal(computed.log_ratio_old, torch.zeros(1, 4, 3))
+    assert torch.equal(skip.eps_ref, computed.eps_ref) and torch.equal(skip.latents, computed.latents)
+
+
+def test_noise_is_todays_cpu_stream_and_invariant_to_batch_size_and_rank_slicing(models):
+    seed = int(image_seeds(5, 0, [0], 1)[0, 0])
+    want = torch.randn((4, 4, 8, 8), generator=torch.Generator().manual_seed(seed))  # the stream before: CPU
+    assert torch.equal(image_noise(seed, 3, (4, 8, 8)), want)
+    assert torch.equal(image_noise(seed, 3, (4, 8, 8), torch.device("cpu")), want)
+    prompts, seeds = ["a dog", "a cow", "a bird", "a fox"], image_seeds(1, 2, range(4), 2)
+    whole = sample(models, prompts, seeds, 2, W, batch_size=8, with_reference=False)
+    for rank in range(2):  # two ranks' slices of the groups, each at another batch size
+        part = sample(models, prompts[2 * rank : 2 * rank + 2], seeds[2 * rank : 2 * rank + 2], 2, W, batch_size=3)
+        assert torch.equal(part.latents[:, :, 0], whole.latents[2 * rank : 2 * rank + 2, :, 0])  # x_T: same bits
+        torch.testing.assert_close(part.latents, whole.latents[2 * rank : 2 * rank + 2], **TOL)
+
+
+def _one_process_group(monkeypatch):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+
+
+@pytest.mark.slow
+def test_the_trainer_skips_the_reference_pass_in_a_fresh_runs_first_epoch_only(tmp_path, monkeypatch):
+    """A fresh run's first rollout is sampled before any optimizer step: the trainer passes policy_is_reference and
+    gets what the reference pass gives at the policy's batches (r_old = 0, the same eps_ref bits); a later epoch and
+    a resumed run (the policy moved) compute the reference."""
+    from helpers import SMALL
+
+    import prdp_ds.train as train
+
+    real, seen = train.sample, []
+
+    def spy(*args, **kw):
+        traj = real(*args, **kw)
+        seen.append(kw["policy_is_reference"])
+        if kw["policy_is_reference"]:
+            n = args[2].numel()  # all of the rank's images in one sampling batch (batch_size 32 >= 16)
+            computed = real(*args, **{**kw, "policy_is_reference": False, "ref_batch_size": n})
+            zeros = torch.zeros_like(traj.log_ratio_old)
+            assert torch.equal(traj.log_ratio_old, zeros) and torch.equal(computed.log_ratio_old, zeros)
+            assert traj.eps_ref is traj.eps_old and torch.equal(traj.eps_ref, computed.eps_ref)
+        return traj
+
+    monkeypatch.setattr(train, "sample", spy)
+    common = ["--preset", "tiny_demo", *SMALL, "--output-dir", str(tmp_path), "--set", "output.save_every=1"]
+    _one_process_group(monkeypatch)
+    train.main([*common, "--set", "train.epochs=2"])
+    assert seen == [True, False]
+    seen.clear()
+    _one_process_group(monkeypatch)
+    train.main([*common, "--set", "train.epochs=3", "--resume", "latest"])
+    assert seen == [False]

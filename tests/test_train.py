@@ -313,3 +313,68 @@ def test_lora_run_starts_at_the_reference_and_saves_only_adapters(tmp_path):
     assert rows[1]["kl"] != 0.0  # the adapters moved
     ckpt = out / "checkpoints" / "epoch_0001"
     assert (ckpt / "unet_lora" / "pytorch_lora_weights.safetensors").is_file() and not (ckpt / "unet").exists()
+
+
+AUTO = ["--set", "train.images_per_chunk=auto", "--set", "train.steps_per_chunk=auto"]
+
+
+@pytest.mark.slow
+def test_auto_chunks_are_printed_recorded_and_train_like_the_sizes_they_resolve_to(tmp_path):
+    """On a CPU 'auto' is all of the rank's 16 images x 1 step; the run equals one given 16 x 1 explicitly
+    (chunking exactness itself: tests/test_twopass.py). The noise metric is exactly 0 here: pass 1 and the
+    sampler compute the same 16-image batches (sampler.batch_size 32 >= 16 images)."""
+    common = [*SMALL, "--set", "train.epochs=3", "--set", "output.noise_every=2", "--set", "output.save_every=3"]
+    proc = run(["--output-dir", str(tmp_path / "auto"), *common, *AUTO])  # later --set wins over SMALL's 8 x 2
+    lines = proc.stdout.splitlines()
+    (i,) = [i for i, line in enumerate(lines) if line.startswith("batch arithmetic: ")]
+    assert json.loads(lines[i].partition(": ")[2])["backward_calls_per_step"] == 3  # T = 3 steps x 1 image chunk
+    assert lines[i + 1] == (
+        "chunk sizes: train.images_per_chunk=auto -> 16, train.steps_per_chunk=auto -> 1 "
+        "(no device memory to fill: all of the rank's images x 1 step)"
+    )
+    assert sum(line.startswith("chunk sizes:") for line in lines) == 1 and "log-ratio noise" not in proc.stdout
+    import yaml
+
+    for path in (tmp_path / "auto" / "config.yaml", tmp_path / "auto" / "checkpoints" / "epoch_0002" / "config.yaml"):
+        train = yaml.safe_load(path.read_text())["train"]
+        assert (train["images_per_chunk"], train["steps_per_chunk"]) == (16, 1), path
+    explicit = ["--set", "train.images_per_chunk=16", "--set", "train.steps_per_chunk=1"]
+    run(["--output-dir", str(tmp_path / "explicit"), *common, *explicit])
+    pa, pb = (unet_params(tmp_path / d / "checkpoints" / "epoch_0002") for d in ("auto", "explicit"))
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    rows = metrics(tmp_path / "auto")
+    for ra, rb in zip(rows, metrics(tmp_path / "explicit")):
+        assert {k: v for k, v in ra.items() if k not in TIMING} == {k: v for k, v in rb.items() if k not in TIMING}
+    assert [r["epoch"] for r in rows if "logratio_noise_rms" in r] == [0, 2]  # output.noise_every=2
+    for r in (rows[0], rows[2]):
+        assert r["logratio_noise_rms"] == r["logratio_noise_max"] == 0.0
+        assert r["logratio_noise_rms_per_step"] == [0.0, 0.0, 0.0]  # T = 3
+
+
+@pytest.mark.slow
+def test_logratio_noise_is_measured_at_theta_old_and_warns_above_the_clip_range(tmp_path, monkeypatch, capsys):
+    """In process, with pass 1's r shifted by a known per-step noise (0.01, 0.02, 0) nats: the metric reports it
+    and rank 0 warns (it exceeds loss.clip_range = 1e-3). Unshifted, SMALL's 8 x 2 chunks are batches other than the
+    sampler's 16 images x 1 step, so the CPU kernels may round otherwise: measured 0 here, and up to 9.8e-4 nats with
+    3 x 2 chunks (|r| up to 3.3e3 nats: a few fp32 ulps), below the clip range either way."""
+    from prdp_ds import train
+
+    real, true_noise = train.policy_log_ratios, []
+    shift = torch.tensor([0.01, 0.02, 0.0])
+
+    def noisy(engine, traj, *args):
+        r = real(engine, traj, *args)
+        true_noise.append((r - traj.log_ratio_old).abs().max().item())
+        return r + shift.to(r.device)
+
+    monkeypatch.setattr(train, "policy_log_ratios", noisy)
+    out = tmp_path / "out"
+    train.main(["--preset", "tiny_demo", "--output-dir", str(out), *SMALL, "--set", "train.epochs=1"])
+    assert len(true_noise) == 1 and true_noise[0] < 1e-3  # the noise pass runs once (epoch 0); prdp_step's own not
+    (row,) = metrics(out)
+    for got, want in zip(row["logratio_noise_rms_per_step"], shift.tolist()):
+        assert got == pytest.approx(want, abs=1e-4)
+    assert row["logratio_noise_rms"] == pytest.approx(math.sqrt((0.01**2 + 0.02**2) / 3), abs=1e-4)
+    assert row["logratio_noise_max"] == pytest.approx(0.02, abs=1e-4)
+    (warning,) = [line for line in capsys.readouterr().out.splitlines() if "log-ratio noise" in line]
+    assert warning.startswith("warning: epoch 0: ") and "> loss.clip_range 0.001" in warning

@@ -139,16 +139,20 @@ def test_non_finite_reward_or_loss_skips_the_step(world, rollout):
     assert stats["skipped"] == "loss" and opt.seen == []
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_non_finite_gradient_skips_the_step(world, rollout, stage):
+@pytest.mark.parametrize("stage,bf16", [(1, False), (1, True), (2, False), (3, False)])
+def test_non_finite_gradient_skips_the_step(world, rollout, stage, bf16):
     models, traj, rewards = rollout
     cfg = _cfg(2, 3, 1e-3)
     unet = copy.deepcopy(models.unet)
     target = unet.conv_out.weight
     target.register_hook(lambda grad: grad * float("nan"))  # finite loss and log-ratios, NaN gradient
     opt = RecordingSGD(unet.parameters(), 1e-4)
-    ds = build_ds_config({"zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True}, cfg, 1)
-    engine = make_engine(unet, ds, opt)
+    ds = build_ds_config(
+        {"zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True, "bf16": {"enabled": bf16}},
+        cfg,
+        1,
+    )
+    engine = make_engine(unet, ds, opt)  # bf16 at ZeRO-1: DeepSpeed's BF16 optimizer
     before = [p.detach().clone() for p in models.unet.parameters()]
     stats = prdp_step(
         engine,
@@ -164,4 +168,4 @@ def test_non_finite_gradient_skips_the_step(world, rollout, stage):
     import deepspeed
 
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
-        assert all(torch.equal(a, p) for a, p in zip(before, engine.module.parameters()))
+        assert all(torch.equal(a.to(p.dtype), p) for a, p in zip(before, engine.module.parameters()))
