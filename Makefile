@@ -42,7 +42,6 @@ demo: $(STAMP)
 	$(PY) -m prdp_ds.evaluate --train-config $(DEMO_DIR)/config.yaml --model demo=$(DEMO_DIR) \
 	    --prompts world_demo --reward '{world_alignment: 1.0, world_judge: 0.0, world_aesthetic: 0.0}' \
 	    --samples 64 --seed 100 --output-dir $(DEMO_DIR)/eval
-	@cat $(DEMO_DIR)/eval/table.txt
 	@echo "base vs finetuned, same noises: $(DEMO_DIR)/eval/grids/world_demo.png; curves: $(DEMO_DIR)/training_curves.png"
 
 test: lint
