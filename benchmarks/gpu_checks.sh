@@ -51,9 +51,9 @@ print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', dif
 import kernels, prdp_ds.train, prdp_ds.evaluate" || { echo "imports failed: stopping"; exit 3; }
 
 if wants tests; then
-    stage "kernel tests on the GPU"
+    stage "kernel tests and the auto-chunk memory probe on the GPU"
     timeout 60 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_package.py tests/test_step_logratio.py \
-        tests/test_rdp_loss_kernel.py
+        tests/test_rdp_loss_kernel.py tests/test_chunking.py
     $PY -c "import torch
 for dev in ('cpu', 'cuda'):
     r = torch.tensor([0.25, 0.5, 0.75], device=dev, requires_grad=True)

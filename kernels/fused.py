@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from kernels import utils
+import kernels.utils as utils
 from kernels.rdp_loss import check_rdp_args, launch_rdp_loss
 from kernels.step_logratio import _cast_out, launch_step_bwd, launch_step_fwd
 from kernels.utils import (

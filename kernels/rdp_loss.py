@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from kernels import utils
+import kernels.utils as utils
 from kernels.utils import INTERPRET, check_device, check_tensor, scalar_arg
 
 

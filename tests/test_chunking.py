@@ -99,7 +99,11 @@ def test_a_resume_takes_the_checkpoints_sizes_for_the_auto_keys(tmp_path):
     assert str(tmp_path) in line
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="measures CUDA memory")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="checks the CUDA memory probe against torch.cuda.max_memory_allocated, which has no CPU counterpart; "
+    "make gpu-checks runs it",
+)
 def test_on_cuda_the_chosen_chunk_fits_its_budget():
     from prdp_ds.models import build_tiny
     from prdp_ds.sampler import cfg_predict

@@ -3,10 +3,11 @@
 The graph is read from the source with `ast` (nothing is imported). Every `import` and
 `from ... import` anywhere in a module is an edge, function-local ones included, except those
 under `if TYPE_CHECKING:` (they never run: type-only imports). `import a.b.c` is an edge to a.b.c;
-`from a.b import c` is an edge to a.b.c when that is a module, else to a.b; relative imports are
-resolved against the importing module's package; a package is its __init__. The parent packages
-Python initializes on the way to a module are not edges (a package's __init__ may re-export its
-submodules). Only modules inside the scanned packages count. `importlib.import_module("name")` is
+`from a.b import c` is an edge to a.b (it runs a.b, a package's __init__ included) and also to a.b.c
+when that is a module; relative imports are resolved against the importing module's package; a package
+is its __init__. The parent packages Python initializes on the way to `import a.b.c` or `from a.b.c
+import x` are not edges (a package's __init__ may re-export its submodules, which then import each
+other by full name). Only modules inside the scanned packages count. `importlib.import_module("name")` is
 no edge: that is how the registries resolve their built-in names on demand.
 """
 
@@ -63,7 +64,7 @@ def _targets(node, package, files):
         parts = package.split(".")
         anchor = ".".join(parts[: len(parts) - node.level + 1])
         base = f"{anchor}.{base}" if base else anchor
-    return [f"{base}.{alias.name}" if f"{base}.{alias.name}" in files else base for alias in node.names]
+    return [base] + [f"{base}.{alias.name}" for alias in node.names if f"{base}.{alias.name}" in files]
 
 
 def import_graph(root, packages=PACKAGES):
@@ -175,6 +176,10 @@ SYNTHETIC = {
         {"a.py": "from pkg import b\n", "b.py": "from pkg import a\n"},
         [{"pkg.a", "pkg.b"}],
     ),
+    "init_reexports_a_module_that_imports_the_package": (
+        {"__init__.py": "from pkg.a import x\n", "a.py": "from pkg import b\nx = 1\n"},
+        [{"pkg", "pkg.a"}],
+    ),
     "acyclic": (
         {
             "__init__.py": "from pkg.a import x\n",
@@ -191,7 +196,7 @@ SYNTHETIC = {
 def test_cycle_finder_on_synthetic_packages(tmp_path, case):
     files, expected = SYNTHETIC[case]
     (tmp_path / "pkg").mkdir()
-    for name, source in {"__init__.py": "", **files}.items():
+    for name, source in {"__init__.py": "", "b.py": "", **files}.items():
         (tmp_path / "pkg" / name).write_text(source)
     graph = import_graph(tmp_path, ("pkg",))
     cycles = find_cycles(graph)
