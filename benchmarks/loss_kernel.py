@@ -134,18 +134,10 @@ def sd14_schedule(T):
     try:
         from diffusers import DDIMScheduler
 
+        from prdp_ds.models import SD14_SCHEDULER
         from prdp_ds.sampler import step_schedule
 
-        sched = DDIMScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            num_train_timesteps=1000,
-            steps_offset=1,
-            set_alpha_to_one=False,
-            clip_sample=False,
-        )
-        s = step_schedule(sched, T)
+        s = step_schedule(DDIMScheduler(**SD14_SCHEDULER), T)
         return s.a, s.b, s.sigma
     except ImportError:
         betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2

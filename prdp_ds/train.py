@@ -128,10 +128,12 @@ class Trainer:
         self.models.apply_options(cfg.model.channels_last, cfg.model.compile)
         if cfg.model.gradient_checkpointing:
             self.models.unet.enable_gradient_checkpointing()
+        # the checkpoint --resume names (None: a fresh run); its config fixes 'auto' chunk sizes
+        self.resume = resume
+        self.ckpt = find_checkpoint(self.output_dir, resume) if resume else None
         # 'auto' chunk sizes: before the engine, whose gradient_accumulation_steps is the chunk count
-        ckpt = find_checkpoint(self.output_dir, resume) if resume and chunking.auto_keys(cfg) else None
         dtype = torch.bfloat16 if bf16 else torch.float32
-        self.cfg, self.chunk_note = chunking.resolve(cfg, world, device, self.models, dtype, ckpt)
+        self.cfg, self.chunk_note = chunking.resolve(cfg, world, device, self.models, dtype, self.ckpt)
         cfg = self.cfg
         self.arith = batch_arithmetic(cfg, world)
         self.ds_config = build_ds_config(ds_json, cfg, world)
@@ -358,12 +360,12 @@ class Trainer:
             )
             raise SystemExit(3)
 
-    def run(self, resume=None):
-        cfg = self.cfg
+    def run(self):
+        cfg, ckpt = self.cfg, self.ckpt
         start_epoch, first_k, rollout = 0, 0, None
-        ckpt = find_checkpoint(self.output_dir, resume) if resume else None
-        if resume and ckpt is None:
-            self.say(f"--resume {resume}: no complete checkpoint in {self.output_dir / 'checkpoints'}; starting fresh")
+        if self.resume and ckpt is None:
+            where = self.output_dir / "checkpoints"
+            self.say(f"--resume {self.resume}: no complete checkpoint in {where}; starting fresh")
         if ckpt is not None:
             state, rollout = load_checkpoint(self.engine, ckpt, self.rank, self.schedule, self.device)
             if state.get("algo", "prdp") != cfg.algo.name:
@@ -430,9 +432,7 @@ def main(argv=None):
         sys.exit(f"prdp_ds.train: {err}")
     run_on_ranks(
         "prdp_ds.train",
-        lambda rank, world, device: Trainer(cfg, ds_json, args.output_dir, rank, world, device, args.resume).run(
-            args.resume
-        ),
+        lambda rank, world, device: Trainer(cfg, ds_json, args.output_dir, rank, world, device, args.resume).run(),
     )
 
 
