@@ -12,7 +12,9 @@ are ignored on resume. Loading the saved UNet or adapter elsewhere: docs/outputs
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +34,9 @@ if TYPE_CHECKING:
     Rollout = tuple[Trajectories, torch.Tensor, dict[str, torch.Tensor]]
 
 
+_NAME = re.compile(r"epoch_(\d+)(?:_step(\d+))?")  # checkpoint_name's output
+
+
 def _barrier():
     if dist.is_initialized():
         dist.barrier()
@@ -39,6 +44,16 @@ def _barrier():
 
 def checkpoint_name(epoch, step_in_epoch, steps_per_epoch):
     return f"epoch_{epoch:04d}" if step_in_epoch >= steps_per_epoch else f"epoch_{epoch:04d}_step{step_in_epoch}"
+
+
+def checkpoint_position(name):
+    """A checkpoint_name -> (epoch, steps done in it) to order checkpoints by, numerically; a complete epoch
+    (epoch_E) after its mid-epoch checkpoints (epoch_E_stepK). None for any other name."""
+    match = _NAME.fullmatch(name)
+    if match is None:
+        return None
+    epoch, step = match.groups()
+    return int(epoch), math.inf if step is None else int(step)
 
 
 def save_unet(unet, directory, save_merged_unet=False):
@@ -100,7 +115,8 @@ def is_complete(path):
 
 
 def find_checkpoint(output_dir, resume):
-    """'latest' -> the newest complete checkpoint under OUTPUT_DIR (None if there is none);
+    """'latest' -> the newest complete checkpoint under OUTPUT_DIR (None if there is none): the one
+    checkpoints/latest names, or without a valid pointer the last by checkpoint_position;
     a path -> that checkpoint, which must be complete."""
     if resume != "latest":
         if not is_complete(resume):
@@ -112,8 +128,8 @@ def find_checkpoint(output_dir, resume):
     pointer = root / "latest"
     if pointer.is_file() and is_complete(root / pointer.read_text().strip()):
         return root / pointer.read_text().strip()
-    complete = sorted(p for p in root.glob("epoch_*") if is_complete(p)) if root.is_dir() else []
-    return complete[-1] if complete else None
+    complete = [p for p in root.glob("epoch_*") if checkpoint_position(p.name) is not None and is_complete(p)]
+    return max(complete, key=lambda p: checkpoint_position(p.name), default=None)
 
 
 def load_checkpoint(

@@ -2,10 +2,13 @@
 
 Resolution order: dataclass defaults < preset (or --train-config FILE) < --set overrides. Every
 key is checked against the dataclasses: unknown keys are rejected with the valid ones listed,
-values are type-checked. The resolved config is printed once and saved with every checkpoint.
+values are type-checked, then the resolved values against their key's range or choices (RANGES,
+CHOICES) and each other (_relation_errors). All problems are reported at once, one line each, before
+any model is built. The resolved config is printed once and saved with every checkpoint.
 """
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -130,16 +133,71 @@ CHOICES = {
     "ddpo.reduction": ("sum", "mean"),
     "sampler.spacing": ("uniform", "quadratic", "logsnr"),
 }
-MINIMUM = {"sampler.ref_batch_size": 1, "output.noise_every": 0}  # numeric keys checked against a lower bound
-
-
 AUTO_OR_INT = ("train.images_per_chunk", "train.steps_per_chunk")  # a positive int or 'auto'
-UNIT_INTERVAL = ("train.memory_margin",)  # a float in [0, 1)
+
+
+def _at_least(n):
+    return lambda v: v >= n, f"at least {n}"
+
+
+def _one_field(template):
+    """Whether `template` has '{}' as its only replacement field (what prdp_ds.prompts.load_prompts needs)."""
+    try:
+        return "\0" in template.format("\0")
+    except (IndexError, KeyError, ValueError):
+        return False
+
+
+_POSITIVE = (lambda v: math.isfinite(v) and v > 0, "a finite float > 0")
+_NON_NEGATIVE = (lambda v: math.isfinite(v) and v >= 0, "a finite float >= 0")
+_NON_EMPTY = (lambda v: v != "", "a non-empty string")
+
+# key -> (test, what is expected): the range of the key's (type-checked) value, whatever the other keys say. Keys
+# in neither RANGES nor CHOICES: the bools, algo.offline_dir (any folder), output.eval_prompts (_relation_errors).
+RANGES = {
+    "model.pretrained": _NON_EMPTY,
+    "model.seed": _at_least(0),
+    "model.lora_rank": _at_least(0),
+    "model.lora_alpha": (_NON_NEGATIVE[0], "a finite float >= 0 (0 means alpha = rank)"),
+    "sampler.num_steps": _at_least(1),
+    "sampler.guidance_scale": (_NON_NEGATIVE[0], "a finite float >= 0 (0: unconditional, 1: no guidance)"),
+    "sampler.eta": (lambda v: 0 < v <= 1, "a float in (0, 1] (the policy needs sigma_t > 0)"),
+    "sampler.batch_size": _at_least(1),
+    "sampler.ref_batch_size": _at_least(1),
+    "loss.kl_weight": _POSITIVE,
+    "loss.clip_range": _POSITIVE,
+    "train.epochs": _at_least(1),
+    "train.steps_per_epoch": _at_least(1),
+    "train.prompts_per_epoch": _at_least(1),
+    "train.images_per_prompt": _at_least(1),
+    "train.lr": _POSITIVE,
+    "train.weight_decay": _NON_NEGATIVE,
+    "train.adam_betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two floats in [0, 1)"),
+    "train.adam_eps": _POSITIVE,
+    "train.grad_clip": (_NON_NEGATIVE[0], "a finite float >= 0 (0: no clipping)"),
+    **{key: (lambda v: v == "auto" or v >= 1, "a positive int or 'auto'") for key in AUTO_OR_INT},
+    "train.memory_margin": (lambda v: 0 <= v < 1, "a float in [0, 1)"),
+    "train.seed": _at_least(0),
+    "train.max_bad_steps": _at_least(1),
+    "prompts.source": _NON_EMPTY,
+    "prompts.template": (_one_field, "a format string with '{}' as its only replacement field"),
+    "prompts.field": _NON_EMPTY,
+    "ddpo.clip_range": _POSITIVE,
+    "ddpo.adv_clip": _POSITIVE,
+    "ddpo.buffer_size": _at_least(1),
+    "ddpo.min_count": _at_least(1),
+    "output.save_every": _at_least(0),
+    "output.sample_every": _at_least(0),
+    "output.eval_images": _at_least(1),
+    "output.noise_every": _at_least(0),
+    "reward": (lambda v: len(v) > 0, "a non-empty mapping name -> weight or {weight, options}"),
+}
 
 
 def _check_value(key, value, typ):
+    """`value` converted to the key's type (YAML's '1e-5' string to float), or ConfigError; ranges are checked later."""
     if key in AUTO_OR_INT:
-        if value != "auto" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        if value != "auto" and (not isinstance(value, int) or isinstance(value, bool)):
             raise ConfigError(f"{key}: expected a positive int or 'auto', got {value!r}")
         return value
     origin = typing.get_origin(typ)
@@ -159,11 +217,40 @@ def _check_value(key, value, typ):
         return value
     if not isinstance(value, typ) or (typ is not bool and isinstance(value, bool)):
         raise ConfigError(f"{key}: expected {typ.__name__}, got {type(value).__name__} {value!r}")
-    if key in CHOICES and value not in CHOICES[key]:
-        raise ConfigError(f"{key}: expected one of {CHOICES[key]}, got {value!r}")
-    if key in MINIMUM and value < MINIMUM[key]:
-        raise ConfigError(f"{key}: expected at least {MINIMUM[key]}, got {value!r}")
     return value
+
+
+def _relation_errors(cfg):
+    """One line per key whose value the other keys rule out (each value already in its own range)."""
+    t, d, errors = cfg.train, cfg.ddpo, []
+    if cfg.algo.name == "prdp" and t.images_per_prompt == 1:
+        errors.append(
+            "train.images_per_prompt: expected at least 2 with algo.name 'prdp' (its loss compares pairs of "
+            "a prompt's images), got 1"
+        )
+    if d.buffer_size >= 1 and d.min_count > d.buffer_size:
+        errors.append(f"ddpo.min_count: expected at most ddpo.buffer_size = {d.buffer_size}, got {d.min_count}")
+    if cfg.algo.name == "ddpo" and d.per_prompt_norm and t.images_per_prompt == 1 and d.min_count == 1:
+        errors.append(
+            "ddpo.min_count: expected at least 2 with train.images_per_prompt 1 and ddpo.per_prompt_norm (a prompt's "
+            "first reward, alone in its history, would be standardized by itself to advantage 0), got 1"
+        )
+    if cfg.output.sample_every > 0 and not cfg.output.eval_prompts:
+        errors.append("output.eval_prompts: expected at least one prompt while output.sample_every > 0, got []")
+    return errors
+
+
+def _value_errors(cfg):
+    """One line per value of a type-checked Config outside its key's choices or range, then per broken relation."""
+    errors = []
+    for key in valid_keys():
+        section, _, name = key.rpartition(".")
+        value = getattr(getattr(cfg, section) if section else cfg, name)
+        if key in CHOICES and value not in CHOICES[key]:
+            errors.append(f"{key}: expected one of {CHOICES[key]}, got {value!r}")
+        elif key in RANGES and not RANGES[key][0](value):
+            errors.append(f"{key}: expected {RANGES[key][1]}, got {value!r}")
+    return errors + _relation_errors(cfg)
 
 
 def valid_keys(cls=Config, prefix=""):
@@ -176,22 +263,38 @@ def valid_keys(cls=Config, prefix=""):
     return keys
 
 
-def _apply(obj, data, prefix=""):
+def _apply(obj, data, errors, prefix=""):
+    """Set the keys of mapping `data` on dataclass `obj`, type-checked; one line per bad key is appended to `errors`
+    (that key keeps its value)."""
     hints = typing.get_type_hints(type(obj))
     for name, value in data.items():
-        key = prefix + name
+        key = f"{prefix}{name}"
         if name not in hints:
-            raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(valid_keys())}")
+            errors.append(f"unknown config key {key!r}; valid keys: {', '.join(valid_keys())}")
+            continue
         current = getattr(obj, name)
         if dataclasses.is_dataclass(current):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{key}: expected a mapping of {key}.* keys, got {value!r}")
-            _apply(current, value, key + ".")
-        else:
-            value = _check_value(key, value, hints[name])
-            if key in UNIT_INTERVAL and not 0 <= value < 1:
-                raise ConfigError(f"{key}: expected a float in [0, 1), got {value!r}")
-            setattr(obj, name, value)
+            if isinstance(value, dict):
+                _apply(current, value, errors, key + ".")
+            else:
+                errors.append(f"{key}: expected a mapping of {key}.* keys, got {value!r}")
+            continue
+        try:
+            setattr(obj, name, _check_value(key, value, hints[name]))
+        except ConfigError as err:
+            errors.append(str(err))
+
+
+def _build(layers, errors=()):
+    """The dataclass defaults with each mapping of `layers` applied in order, then every value checked (ranges,
+    choices, relations). Raises ConfigError with one line per problem, `errors` (found earlier) first."""
+    cfg, errors = Config(), list(errors)
+    for data in layers:
+        _apply(cfg, data, errors)
+    errors += _value_errors(cfg)
+    if errors:
+        raise ConfigError("\n".join(errors))
+    return cfg
 
 
 def parse_override(text):
@@ -225,19 +328,23 @@ def load_yaml(path):
 
 
 def resolve(preset=None, config_file=None, overrides=()):
-    """Build a Config from defaults, a preset name or YAML file, and --set overrides."""
+    """Build a Config from defaults, a preset name or YAML file, and --set overrides. Every value is checked
+    (type, range, choices, relations) before it returns: ConfigError with one line per problem, all of them."""
     if preset and config_file:
         raise ConfigError("give --preset or --train-config, not both")
-    cfg = Config()
+    layers, errors = [], []
     if preset:
         if preset not in preset_names():
             raise ConfigError(f"unknown preset {preset!r}; available: {', '.join(preset_names())}")
-        _apply(cfg, load_yaml(resources.files("prdp_ds.presets") / f"{preset}.yaml"))
+        layers.append(load_yaml(resources.files("prdp_ds.presets") / f"{preset}.yaml"))
     elif config_file:
-        _apply(cfg, load_yaml(config_file))
+        layers.append(load_yaml(config_file))
     for text in overrides:
-        _apply(cfg, parse_override(text))
-    return cfg
+        try:
+            layers.append(parse_override(text))
+        except ConfigError as err:
+            errors.append(str(err))
+    return _build(layers, errors)
 
 
 def to_dict(cfg):
@@ -245,9 +352,8 @@ def to_dict(cfg):
 
 
 def from_dict(data):
-    cfg = Config()
-    _apply(cfg, data)
-    return cfg
+    """A Config from a (saved) config mapping, checked as `resolve` checks one."""
+    return _build([data])
 
 
 def dump(cfg):

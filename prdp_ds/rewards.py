@@ -8,8 +8,9 @@ registered under a name; `build_reward` turns a config such as
 
 into a `CombinedReward`, whose call returns the weighted total and each component's scores.
 A key holding ':' names a user's callable "module:function" with the same signature (given
-options, the function is a factory called with them that returns the callable). Named
-combinations (COMBINATIONS) expand to their components.
+options, the function is a factory called with them that returns the callable); it is checked when
+built (importable, callable, takes (images, prompts)). Every call's scores are checked (`check_scores`):
+(n,) finite numbers. Named combinations (COMBINATIONS) expand to their components.
 """
 
 from __future__ import annotations
@@ -81,18 +82,54 @@ def _factory(name):
     return _REGISTRY.get(name)
 
 
+def _describe(value, limit=60):
+    """'TYPE REPR' of a value for an error message, the repr cut to `limit` characters."""
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= limit else text[: limit - 3] + '...'}"
+
+
 def _import_callable(path):
+    """The callable a custom reward key 'module:NAME' names, or RewardError saying what is wrong with it."""
     module_name, _, attr = path.partition(":")
     try:
-        return _resolve(path)
-    except (ImportError, AttributeError) as err:
-        raise RewardError(f"custom reward {path!r}: cannot import {attr!r} from {module_name!r} ({err})") from err
+        fn = _resolve(path)
+    except Exception as err:  # the user's module may raise anything while it is imported
+        raise RewardError(
+            f"custom reward {path!r}: cannot import {attr!r} from {module_name!r} ({type(err).__name__}: {err})"
+        ) from err
+    if not callable(fn):
+        raise RewardError(f"custom reward {path!r}: {attr!r} is not callable (it is {_describe(fn)})")
+    return fn
+
+
+def _check_signature(path, fn, expected, /, *args, **kwargs):
+    """RewardError unless `fn` can be called with these arguments (a callable whose signature is unknown passes)."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as err:
+        raise RewardError(f"custom reward {path!r}: expected {expected} ({err})") from None
+
+
+def _make_custom(path, options):
+    """A custom reward 'module:NAME': NAME itself (no options) or what NAME(**options) returns, checked to be a
+    callable that takes (images, prompts)."""
+    fn = _import_callable(path)
+    if options:
+        _check_signature(path, fn, f"a factory taking the options {sorted(options)}", **options)
+        fn = fn(**options)
+        if not callable(fn):
+            raise RewardError(f"custom reward {path!r}: the factory returned {_describe(fn)}, expected a callable")
+    _check_signature(path, fn, "a reward callable as fn(images, prompts)", None, None)
+    return fn
 
 
 def _make_one(name, options, device):
     if ":" in name:
-        fn = _import_callable(name)
-        return fn(**options) if options else fn
+        return _make_custom(name, options)
     factory = _factory(name)
     if factory is None:
         raise RewardError(
@@ -106,14 +143,31 @@ def _make_one(name, options, device):
     return factory(device=device, **options)
 
 
+def _as_scores(scores):
+    """A reward's output as a tensor: a real or bool torch tensor, numpy array, or list/tuple of numbers; else None."""
+    if isinstance(scores, torch.Tensor):
+        return None if scores.is_complex() else scores
+    if isinstance(scores, (np.ndarray, list, tuple)):
+        try:
+            arr = np.asarray(scores)
+        except ValueError:  # ragged
+            return None
+        return torch.as_tensor(arr) if arr.dtype.kind in "biuf" else None
+    return None
+
+
 def check_scores(name, scores, prompts):
-    """Validate a reward's output: a finite (n,) tensor. Returns it as fp32."""
+    """Validate a reward's output for n prompts: (n,) numbers (tensor, array or list), all finite. Returns them as
+    an fp32 tensor; RewardError naming the reward and what it returned, NonFiniteRewardError for NaN or inf."""
     n = len(prompts)
-    if not isinstance(scores, torch.Tensor):
-        scores = torch.as_tensor(np.asarray(scores))
-    if scores.shape != (n,):
-        raise RewardError(f"reward {name!r} returned shape {tuple(scores.shape)}, expected ({n},)")
-    scores = scores.float()
+    tensor = _as_scores(scores)
+    if tensor is None:
+        raise RewardError(
+            f"reward {name!r} returned {_describe(scores)}, expected a tensor, array or list of {n} numbers"
+        )
+    if tensor.shape != (n,):
+        raise RewardError(f"reward {name!r} returned shape {tuple(tensor.shape)}, expected ({n},)")
+    scores = tensor.float()
     bad = ~torch.isfinite(scores)
     if bad.any():
         offending = [p for p, b in zip(prompts, bad.tolist()) if b]

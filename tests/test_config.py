@@ -105,3 +105,140 @@ def test_unknown_preset_and_unreadable_file(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n")
     with pytest.raises(ConfigError, match="expected a mapping at the top level"):
         resolve(None, tmp_path / "list.yaml")
+
+
+@pytest.mark.parametrize(
+    "text, line",
+    [
+        ("model.pretrained=", "model.pretrained: expected a non-empty string, got ''"),
+        ("model.seed=-1", "model.seed: expected at least 0, got -1"),
+        ("model.lora_rank=-4", "model.lora_rank: expected at least 0, got -4"),
+        ("model.lora_alpha=-1", "model.lora_alpha: expected a finite float >= 0 (0 means alpha = rank), got -1.0"),
+        ("sampler.num_steps=0", "sampler.num_steps: expected at least 1, got 0"),
+        (
+            "sampler.guidance_scale=-1",
+            "sampler.guidance_scale: expected a finite float >= 0 (0: unconditional, 1: no guidance), got -1.0",
+        ),
+        ("sampler.eta=0", "sampler.eta: expected a float in (0, 1] (the policy needs sigma_t > 0), got 0.0"),
+        ("sampler.eta=1.5", "sampler.eta: expected a float in (0, 1] (the policy needs sigma_t > 0), got 1.5"),
+        ("sampler.batch_size=0", "sampler.batch_size: expected at least 1, got 0"),
+        ("sampler.ref_batch_size=0", "sampler.ref_batch_size: expected at least 1, got 0"),
+        ("loss.kl_weight=0", "loss.kl_weight: expected a finite float > 0, got 0.0"),
+        ("loss.clip_range=-0.1", "loss.clip_range: expected a finite float > 0, got -0.1"),
+        ("loss.clip_range=.nan", "loss.clip_range: expected a finite float > 0, got nan"),
+        ("train.epochs=0", "train.epochs: expected at least 1, got 0"),
+        ("train.steps_per_epoch=0", "train.steps_per_epoch: expected at least 1, got 0"),
+        ("train.prompts_per_epoch=0", "train.prompts_per_epoch: expected at least 1, got 0"),
+        ("train.images_per_prompt=0", "train.images_per_prompt: expected at least 1, got 0"),
+        ("train.lr=0", "train.lr: expected a finite float > 0, got 0.0"),
+        ("train.lr=.inf", "train.lr: expected a finite float > 0, got inf"),
+        ("train.weight_decay=-1e-4", "train.weight_decay: expected a finite float >= 0, got -0.0001"),
+        ("train.adam_betas=[0.9, 1.0]", "train.adam_betas: expected two floats in [0, 1), got [0.9, 1.0]"),
+        ("train.adam_betas=[0.9]", "train.adam_betas: expected two floats in [0, 1), got [0.9]"),
+        ("train.adam_eps=0", "train.adam_eps: expected a finite float > 0, got 0.0"),
+        ("train.grad_clip=-1", "train.grad_clip: expected a finite float >= 0 (0: no clipping), got -1.0"),
+        ("train.images_per_chunk=0", "train.images_per_chunk: expected a positive int or 'auto', got 0"),
+        ("train.steps_per_chunk=0", "train.steps_per_chunk: expected a positive int or 'auto', got 0"),
+        ("train.memory_margin=1", "train.memory_margin: expected a float in [0, 1), got 1.0"),
+        ("train.seed=-1", "train.seed: expected at least 0, got -1"),
+        ("train.max_bad_steps=0", "train.max_bad_steps: expected at least 1, got 0"),
+        ("prompts.source=", "prompts.source: expected a non-empty string, got ''"),
+        (
+            "prompts.template='{} and {}'",
+            "prompts.template: expected a format string with '{}' as its only replacement field, got '{} and {}'",
+        ),
+        ("prompts.field=", "prompts.field: expected a non-empty string, got ''"),
+        ("prompts.over_length=cut", "prompts.over_length: expected one of ('truncate', 'drop'), got 'cut'"),
+        ("loss.impl=cuda", "loss.impl: expected one of ('auto', 'torch', 'triton'), got 'cuda'"),
+        ("ddpo.clip_range=0", "ddpo.clip_range: expected a finite float > 0, got 0.0"),
+        ("ddpo.adv_clip=-5", "ddpo.adv_clip: expected a finite float > 0, got -5.0"),
+        ("ddpo.buffer_size=0", "ddpo.buffer_size: expected at least 1, got 0"),
+        ("ddpo.min_count=0", "ddpo.min_count: expected at least 1, got 0"),
+        ("ddpo.reduction=max", "ddpo.reduction: expected one of ('sum', 'mean'), got 'max'"),
+        ("output.save_every=-1", "output.save_every: expected at least 0, got -1"),
+        ("output.sample_every=-1", "output.sample_every: expected at least 0, got -1"),
+        ("output.eval_images=0", "output.eval_images: expected at least 1, got 0"),
+        ("output.noise_every=-1", "output.noise_every: expected at least 0, got -1"),
+        ("reward={}", "reward: expected a non-empty mapping name -> weight or {weight, options}, got {}"),
+    ],
+)
+def test_a_value_out_of_range_is_one_line_naming_the_key_the_value_and_the_range(text, line):
+    with pytest.raises(ConfigError) as info:
+        resolve("tiny_demo", overrides=[text])
+    assert str(info.value) == line
+
+
+@pytest.mark.parametrize(
+    "texts, line",
+    [
+        (
+            ["train.images_per_prompt=1"],
+            "train.images_per_prompt: expected at least 2 with algo.name 'prdp' (its loss compares pairs of a "
+            "prompt's images), got 1",
+        ),
+        (["ddpo.min_count=17"], "ddpo.min_count: expected at most ddpo.buffer_size = 16, got 17"),
+        (
+            ["algo.name=ddpo", "train.images_per_prompt=1", "ddpo.min_count=1"],
+            "ddpo.min_count: expected at least 2 with train.images_per_prompt 1 and ddpo.per_prompt_norm (a prompt's "
+            "first reward, alone in its history, would be standardized by itself to advantage 0), got 1",
+        ),
+        (
+            ["output.eval_prompts=[]"],
+            "output.eval_prompts: expected at least one prompt while output.sample_every > 0, got []",
+        ),
+    ],
+)
+def test_a_value_the_other_keys_rule_out_is_one_line_naming_it(texts, line):
+    with pytest.raises(ConfigError) as info:
+        resolve("tiny_demo", overrides=texts)
+    assert str(info.value) == line
+
+
+@pytest.mark.parametrize(
+    "texts",
+    [
+        ["algo.name=ddpo", "train.images_per_prompt=1"],  # DDPO's statistics come from the batch until min_count
+        ["algo.name=ddpo", "train.images_per_prompt=1", "ddpo.per_prompt_norm=false", "ddpo.min_count=1"],
+        ["output.eval_prompts=[]", "output.sample_every=0"],
+        ["sampler.guidance_scale=0", "sampler.eta=1", "train.grad_clip=0", "train.weight_decay=0"],
+        ["train.memory_margin=0", "train.adam_betas=[0, 0]", "output.save_every=0", "model.lora_rank=0"],
+        ["loss.clip_range=1.0e9", "prompts.template='A painting of a {}'"],
+        ["train.images_per_prompt=0", "train.images_per_prompt=2"],  # a later --set fixes an earlier value
+    ],
+)
+def test_edge_values_that_mean_something_resolve(texts):
+    resolve("tiny_demo", overrides=texts)
+
+
+def test_every_error_is_reported_at_once_one_line_each():
+    texts = ["train.lrr=1", "train.epochs=1.5", "loss.clip_range=-0.1", "train.steps_per_epoch=0", "nokey"]
+    with pytest.raises(ConfigError) as info:
+        resolve("tiny_demo", overrides=texts)
+    lines = str(info.value).splitlines()
+    assert len(lines) == 5
+    assert [line.split(":")[0] for line in lines] == [
+        "--set expects key=value, got 'nokey'",
+        "unknown config key 'train.lrr'; valid keys",
+        "train.epochs",
+        "loss.clip_range",
+        "train.steps_per_epoch",
+    ]
+
+
+def test_a_preset_file_and_a_saved_config_are_checked_as_overrides_are(tmp_path):
+    (tmp_path / "bad.yaml").write_text("train: {lr: 0, epochs: 0}\n")
+    with pytest.raises(ConfigError, match=r"^train.epochs: expected at least 1, got 0\ntrain.lr: expected"):
+        resolve(None, tmp_path / "bad.yaml")
+    with pytest.raises(ConfigError, match="^sampler.batch_size: expected at least 1, got 0$"):
+        from_dict({**to_dict(resolve("tiny_demo")), "sampler": {"batch_size": 0}})
+
+
+def test_every_key_but_the_bools_has_a_rule():
+    cfg = config_lib.Config()
+    unruled = set()
+    for key in config_lib.valid_keys():
+        section, _, name = key.rpartition(".")
+        value = getattr(getattr(cfg, section) if section else cfg, name)
+        if key not in config_lib.RANGES and key not in config_lib.CHOICES and not isinstance(value, bool):
+            unruled.add(key)
+    assert unruled == {"algo.offline_dir", "output.eval_prompts"}  # any folder; checked against sample_every

@@ -1,5 +1,6 @@
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -89,3 +90,96 @@ def test_bad_scores_raise_naming_the_reward(broken_rewards):
 def test_registry_lists_builtins_and_combinations():
     names = available_rewards()
     assert {"jpeg_compressibility", "jpeg_incompressibility", "brightness", "multi_reward"} <= set(names)
+
+
+@pytest.fixture
+def reward_cases(tmp_path, monkeypatch):
+    """An importable module `reward_cases` of custom rewards, good and bad; forgotten after the test."""
+    (tmp_path / "reward_cases.py").write_text(
+        "THRESHOLD = 3\n"
+        "def one_arg(images):\n    return images.mean(dim=(1, 2, 3))\n"
+        "def not_a_factory(images, prompts):\n    return images.mean(dim=(1, 2, 3))\n"
+        "def makes_an_int(factor):\n    return 3\n"
+        "def returning(value):\n    return lambda images, prompts: value\n"
+    )
+    (tmp_path / "reward_broken.py").write_text("raise RuntimeError('no GPU here')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield
+    for name in ("reward_cases", "reward_broken"):
+        sys.modules.pop(name, None)
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        (
+            "reward_cases:THRESHOLD",
+            r"^custom reward 'reward_cases:THRESHOLD': 'THRESHOLD' is not callable \(it is int 3\)$",
+        ),
+        ("reward_cases:nope", r"^custom reward 'reward_cases:nope': cannot import 'nope' from 'reward_cases'"),
+        ("no_such_module:fn", r"^custom reward 'no_such_module:fn': cannot import 'fn' from 'no_such_module'"),
+        ("reward_broken:fn", r"^custom reward 'reward_broken:fn': cannot import .*RuntimeError: no GPU here"),
+        (":fn", r"^custom reward ':fn': cannot import 'fn' from ''"),
+        (
+            "reward_cases:one_arg",
+            r"^custom reward 'reward_cases:one_arg': expected a reward callable as fn\(images, prompts\)",
+        ),
+        (
+            {"reward_cases:not_a_factory": {"factor": 2}},
+            r"^custom reward 'reward_cases:not_a_factory': expected a factory taking the options \['factor'\]",
+        ),
+        (
+            {"reward_cases:makes_an_int": {"factor": 2}},
+            r"^custom reward 'reward_cases:makes_an_int': the factory returned int 3, expected a callable$",
+        ),
+    ],
+)
+def test_a_bad_custom_reward_is_refused_when_built_in_one_line(reward_cases, spec, match):
+    with pytest.raises(RewardError, match=match) as info:
+        build_reward(spec if isinstance(spec, dict) else {spec: 1.0})
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "value, match",
+    [
+        (None, r"returned NoneType None, expected a tensor, array or list of 2 numbers"),
+        ("high", r"returned str 'high', expected a tensor, array or list of 2 numbers"),
+        (["a", "b"], r"returned list \['a', 'b'\], expected"),
+        ([1.0, None], r"returned list \[1.0, None\], expected"),
+        ([[1.0], [2.0, 3.0]], r"returned list \[\[1.0\], \[2.0, 3.0\]\], expected"),
+        (torch.zeros(2, dtype=torch.complex64), r"returned Tensor tensor\(\[0.\+0.j, 0.\+0.j\]\), expected"),
+        (torch.zeros(3), r"returned shape \(3,\), expected \(2,\)"),
+        (np.zeros((2, 1)), r"returned shape \(2, 1\), expected \(2,\)"),
+        (0.5, r"returned float 0.5, expected"),
+    ],
+)
+def test_unusable_scores_name_the_reward_what_it_returned_and_what_was_expected(reward_cases, value, match):
+    reward = build_reward({"reward_cases:returning": {"value": value}})
+    with pytest.raises(RewardError, match=r"^reward 'reward_cases:returning' " + match) as info:
+        reward(_images(2), ["a", "b"])
+    assert not isinstance(info.value, NonFiniteRewardError)
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ([0.5, 2.0], [0.5, 2.0]),
+        ((0.5, 2.0), [0.5, 2.0]),
+        (np.array([0.5, 2.0]), [0.5, 2.0]),
+        (np.array([1, 2]), [1.0, 2.0]),
+        (torch.tensor([0.5, 2.0], dtype=torch.float64), [0.5, 2.0]),
+        (torch.tensor([True, False]), [1.0, 0.0]),
+    ],
+)
+def test_scores_may_be_a_tensor_an_array_or_a_list_of_numbers(reward_cases, value, expected):
+    total, parts = build_reward({"reward_cases:returning": {"value": value}})(_images(2), ["a", "b"])
+    torch.testing.assert_close(total, torch.tensor(expected))
+    assert parts["reward_cases:returning"].dtype == torch.float32
+
+
+def test_non_finite_scores_in_a_list_raise_as_in_a_tensor(reward_cases):
+    reward = build_reward({"reward_cases:returning": {"value": [1.0, float("inf")]}})
+    with pytest.raises(NonFiniteRewardError, match="'reward_cases:returning'.*'b'") as info:
+        reward(_images(2), ["a", "b"])
+    assert info.value.prompts == ["b"]
