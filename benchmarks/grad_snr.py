@@ -2,9 +2,9 @@
 
     python benchmarks/grad_snr.py [--batches 6] [--json benchmarks/results/grad_snr_cpu.json]
 
-At theta = ref every log-ratio is 0, so the PRDP loss's gradient is -(2 / (beta T)) sum over valid pairs of
-dr_ij (grad R_i - grad R_j): a reward-weighted score function, the same direction at any beta. For --batches
-independent batches shaped like one epoch of the `world` preset (6 prompts x 6 images of world_small, fresh noise
+At theta = ref every log-ratio is 0, so the PRDP loss's gradient is -(2 / (beta T)) sum over valid pairs of dr_ij
+(grad R_i - grad R_j): a reward-weighted score function, the same direction at any beta. For --batches independent
+batches shaped like one epoch of the 2026-11-30 `world` preset (6 prompts x 6 images of world_small, fresh noise
 each), this computes that gradient over the UNet's weights and reports the mean cosine c between the gradients of
 different batches: the shared (signal) part carries about a fraction c of a batch gradient's squared norm, and the
 mean of n batches has cosine about sqrt(n c / (1 + (n - 1) c)) with the signal. Per reward (the alignment reward,
@@ -68,8 +68,8 @@ def pairwise_cosines(grads):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", type=int, default=6)
-    p.add_argument("--prompts", type=int, default=6, help="prompts per batch (the world preset: 6)")
-    p.add_argument("--images", type=int, default=6, help="images per prompt (the world preset: 6)")
+    p.add_argument("--prompts", type=int, default=6, help="prompts per batch (the 2026-11-30 world preset: 6)")
+    p.add_argument("--images", type=int, default=6, help="images per prompt (the 2026-11-30 world preset: 6)")
     p.add_argument("--T", type=int, default=10)
     p.add_argument("--guidance", type=float, default=6.0)
     p.add_argument("--beta", type=float, default=0.05)

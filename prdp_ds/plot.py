@@ -1,13 +1,15 @@
-"""Compare training runs: one subplot per metric, x = epoch, one colour per label.
+"""Compare training runs: one subplot per metric, x = epoch (or reward queries), one colour per label.
 
-    python -m prdp_ds.plot RUN_DIR [LABEL=RUN_DIR ...] [--out comparison.png] [--metrics reward_mean,loss]
+    python -m prdp_ds.plot RUN_DIR [LABEL=RUN_DIR ...] [--out comparison.png] [--metrics reward_mean,loss] [--x queries]
 
 Each positional argument is a run directory holding metrics.jsonl, optionally prefixed ``LABEL=`` (without
 one, the directory name plus ``algo.name`` from its config.yaml). Bands are mean ± standard error: runs under
 one label (seeds of one config) give, per epoch, the mean over the runs with a finite value there ± std
 across them (ddof=1) / sqrt(n_runs), no band below 2 runs; a single run gives its value ± ``<key>_std /
 sqrt(num_images)`` when it logs ``<key>_std`` (reward_std for reward_mean). NaN values (skipped steps) are
-dropped; a repeated epoch (a resume) keeps its last record. Default panels and options: docs/evaluate.md.
+dropped; a repeated epoch (a resume) keeps its last record. ``--x queries`` puts the reward queries made up to
+the end of each epoch on the x axis (the running sum of num_images: the paper's sample-efficiency axis); runs
+under one label must agree on it. Default panels and options: docs/evaluate.md.
 
 Library use: ``read_metrics(run_dir)``, ``aggregate(records_per_run, key)``, ``plot_runs(runs, out)``.
 """
@@ -102,6 +104,25 @@ def aggregate(runs, key):
     return epochs, mean, se
 
 
+def reward_queries(runs):
+    """{epoch: reward queries made up to the end of that epoch} of one label's runs (the running sum of
+    num_images); raises PlotError when the runs disagree (different batch sizes) or one does not log it."""
+    tables = []
+    for records in runs:
+        total, table = 0, {}
+        for epoch, record in records.items():
+            n = _value(record, "num_images")
+            if n is None:
+                raise PlotError(f"epoch {epoch}: no num_images logged, so no reward-query axis")
+            total += int(n)
+            table[epoch] = total
+        tables.append(table)
+    for table in tables[1:]:
+        if any(table.get(e, q) != q for e, q in tables[0].items()):
+            raise PlotError("runs under one label differ in reward queries per epoch; plot them under separate labels")
+    return {e: q for table in reversed(tables) for e, q in table.items()}
+
+
 def default_metrics(all_records):
     keys = {key for records in all_records for record in records.values() for key in record if not key.endswith("_std")}
     components = sorted(key for key in keys if key.startswith("reward/"))
@@ -109,10 +130,14 @@ def default_metrics(all_records):
     return ["reward_mean", *components, *grid, *BASE_METRICS]
 
 
-def plot_runs(runs, out_path, metrics=None):
+def plot_runs(runs, out_path, metrics=None, x="epoch"):
     """Plot {label: [run_dir, ...]} to out_path (PNG) and return it as a Path. `metrics` defaults to
-    default_metrics(); metrics without data in any run get no panel. Raises PlotError."""
+    default_metrics(); metrics without data in any run get no panel; x is "epoch" or "queries" (reward
+    queries, see reward_queries). Raises PlotError."""
+    if x not in ("epoch", "queries"):
+        raise PlotError(f"x: expected 'epoch' or 'queries', got {x!r}")
     loaded = {label: [read_metrics(d) for d in dirs] for label, dirs in runs.items()}
+    queries = {label: reward_queries(records) for label, records in loaded.items()} if x == "queries" else None
     metrics = metrics or default_metrics([r for records in loaded.values() for r in records])
     series = {key: {label: aggregate(records, key) for label, records in loaded.items()} for key in metrics}
     series = {
@@ -125,11 +150,13 @@ def plot_runs(runs, out_path, metrics=None):
     fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.5 * nrows), squeeze=False)
     for ax, (key, per_label) in zip(axes.flat, series.items()):
         for i, (label, (epochs, mean, se)) in enumerate(per_label.items()):
+            if queries is not None:
+                epochs = np.array([queries[label][int(e)] for e in epochs], dtype=float)
             if len(epochs):
                 ax.plot(epochs, mean, color=f"C{i % 10}", marker="o", ms=3, label=label)
                 ax.fill_between(epochs, mean - se, mean + se, color=f"C{i % 10}", alpha=0.25, linewidth=0)
         ax.set_title(key)
-        ax.set_xlabel("epoch")
+        ax.set_xlabel("epoch" if x == "epoch" else "reward queries")
         ax.grid(alpha=0.3)
     for ax in axes.flat[len(series) :]:
         ax.set_visible(False)
@@ -165,10 +192,11 @@ def main(argv=None):
     )
     parser.add_argument("--out", default="comparison.png", help="figure path (default: ./comparison.png)")
     parser.add_argument("--metrics", help="comma-separated keys (default: rewards, loss, clip_frac, kl, grad_norm)")
+    parser.add_argument("--x", choices=("epoch", "queries"), default="epoch", help="x axis: epoch or reward queries")
     args = parser.parse_args(argv)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
     try:
-        path = plot_runs(parse_runs(args.runs), args.out, metrics)
+        path = plot_runs(parse_runs(args.runs), args.out, metrics, args.x)
     except PlotError as err:
         sys.exit(f"prdp_ds.plot: error: {err}")
     print(path)

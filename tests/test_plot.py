@@ -137,3 +137,21 @@ def test_malformed_line_names_file_and_line(tmp_path):
         f.write('{"epoch": 1, "reward_mean": \n')
     with pytest.raises(plot.PlotError, match=r"bad/metrics\.jsonl:2"):
         plot.read_metrics(bad)
+
+
+def test_reward_queries_is_the_running_sum_of_images(runs, tmp_path):
+    assert plot.reward_queries([plot.read_metrics(runs[1])]) == {0: 16, 1: 32, 2: 48}
+    other = write_run(tmp_path / "bigger", [rec(0, 1.0, num_images=32), rec(1, 1.0, num_images=32)])
+    with pytest.raises(plot.PlotError, match="differ in reward queries"):
+        plot.reward_queries([plot.read_metrics(runs[1]), plot.read_metrics(other)])
+    no_count = write_run(tmp_path / "no_count", [{"epoch": 0, "reward_mean": 1.0}])
+    with pytest.raises(plot.PlotError, match="num_images"):
+        plot.reward_queries([plot.read_metrics(no_count)])
+
+
+def test_plot_against_reward_queries(runs, tmp_path):
+    out = tmp_path / "queries.png"
+    assert plot.main([str(runs[0]), str(runs[1]), "--x", "queries", "--out", str(out)]) == 0
+    assert out.read_bytes().startswith(PNG_MAGIC)
+    with pytest.raises(plot.PlotError, match="x: expected"):
+        plot.plot_runs({"a": [runs[0]]}, tmp_path / "x.png", x="steps")

@@ -45,6 +45,7 @@ def test_quick_experiment_writes_finite_results(name, tmp_path, world):
                 assert (model == "base") != ("vs_base" in cell[score])
     for f in ("results.json", "results.md", "curves.png", *(f"grid_{s}.png" for s in exp.prompt_sets)):
         assert (out / f).is_file(), f
+    assert (out / "sample_efficiency.png").is_file() == exp.sample_efficiency
     saved = json.loads((out / "results.json").read_text())
     assert saved["meta"]["quick"] and saved["results"] == json.loads(json.dumps(results))
     for arm in exp.arms:

@@ -12,8 +12,9 @@ hackable image-only aesthetic reward. Then it aggregates over seeds.
 
 Outputs in --out: runs/ARM/seed_S/ and eval/seed_S/ (each run and each seed's evaluation), results.json
 and results.md (model x prompt set x score: mean and SE over seeds, paired differences to the base),
-curves.png and grid_SET.png; their layout: docs/world.md. A rerun continues where it stopped (finished runs
-kept, an unfinished one resumed from its latest checkpoint, the evaluation from its finished units).
+curves.png, grid_SET.png and (E1) sample_efficiency.png; their layout: docs/world.md. A rerun continues where
+it stopped (finished runs kept, an unfinished one resumed from its latest checkpoint, the evaluation from its
+finished units).
 --quick shrinks every run to a few images and steps: it checks the machinery (CI), not the science.
 
 Runs in one process on the CPU (the world is small); it holds one process group for all its runs.
@@ -64,14 +65,17 @@ class Experiment:
     arms: dict  # label -> (training preset, [--set overrides])
     prompt_sets: tuple  # evaluation prompt sets (registered names)
     samples: int = 8  # evaluation images per prompt per model
+    sample_efficiency: bool = False  # also plot the training reward against reward queries (sample_efficiency.png)
 
 
 EXPERIMENTS = {
     "E1": Experiment(
-        "small scale: PRDP vs DDPO vs base on world_small, alignment reward (paper Table 1)",
+        "small scale: PRDP vs DDPO vs base on the demo's 4 world_demo prompts, alignment reward (paper Table 1)",
         "PRDP reaches a higher reward than DDPO on the training prompts, and both beat the base model.",
-        {"prdp": ("world", []), "ddpo": ("world", DDPO)},
-        ("world_small",),
+        {"prdp": ("demo", []), "ddpo": ("demo", DDPO)},
+        ("world_demo",),
+        samples=64,
+        sample_efficiency=True,
     ),
     "E2": Experiment(
         "large scale: world_large, seen and unseen prompts; DDPO with and without per-prompt normalization "
@@ -261,6 +265,13 @@ def run(name, seeds, out, quick=False):
         out / "curves.png",
         ["reward_mean", "eval/reward_mean", *[f"eval/{s}" for s in SCORES], "kl", "loss"],
     )
+    if exp.sample_efficiency:  # the paper's main plot: reward on each epoch's fresh samples vs reward queries
+        plot_runs(
+            {arm: [out / "runs" / arm / f"seed_{s}" for s in seeds] for arm in exp.arms},
+            out / "sample_efficiency.png",
+            ["reward_mean", "reward/world_judge"],
+            x="queries",
+        )
     for grid in (out / "eval" / f"seed_{seeds[0]}" / "grids").glob("*.png"):
         shutil.copyfile(grid, out / f"grid_{grid.name}")
     print((out / "results.md").read_text(), flush=True)
