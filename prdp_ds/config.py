@@ -140,7 +140,7 @@ def _at_least(n):
     return lambda v: v >= n, f"at least {n}"
 
 
-def _one_field(template):
+def has_one_field(template):
     """Whether `template` has '{}' as its only replacement field (what prdp_ds.prompts.load_prompts needs)."""
     try:
         return "\0" in template.format("\0")
@@ -180,7 +180,7 @@ RANGES = {
     "train.seed": _at_least(0),
     "train.max_bad_steps": _at_least(1),
     "prompts.source": _NON_EMPTY,
-    "prompts.template": (_one_field, "a format string with '{}' as its only replacement field"),
+    "prompts.template": (has_one_field, "a format string with '{}' as its only replacement field"),
     "prompts.field": _NON_EMPTY,
     "ddpo.clip_range": _POSITIVE,
     "ddpo.adv_clip": _POSITIVE,

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from prdp_ds.config import has_one_field
+
 ANIMALS = [
     "cat",
     "dog",
@@ -246,11 +248,7 @@ def load_prompts(
     token_lengths: list[str] -> list[int], each prompt's token count with BOS/EOS; prompts over
     max_tokens are kept ('truncate') or dropped ('drop') as over_length says.
     """
-    try:
-        templated = template.format("\0")
-    except (IndexError, KeyError, ValueError):
-        templated = ""
-    if "\0" not in templated:
+    if not has_one_field(template):
         raise ValueError(f"prompts.template must contain '{{}}' as its only replacement field, got {template!r}")
     if over_length not in ("truncate", "drop"):
         raise ValueError(f"prompts.over_length must be 'truncate' or 'drop', got {over_length!r}")

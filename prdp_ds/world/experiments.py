@@ -256,14 +256,15 @@ def run(name, seeds, out, quick=False):
     }
     (out / "results.json").write_text(json.dumps({"meta": meta, "claim": exp.claim, "results": results}, indent=1))
     (out / "results.md").write_text(markdown(name, exp, results, meta))
+    runs = {arm: [out / "runs" / arm / f"seed_{s}" for s in seeds] for arm in exp.arms}
     plot_runs(
-        {arm: [out / "runs" / arm / f"seed_{s}" for s in seeds] for arm in exp.arms},
+        runs,
         out / "curves.png",
         ["reward_mean", "eval/reward_mean", *[f"eval/{s}" for s in SCORES], "kl", "loss"],
     )
     if exp.sample_efficiency:  # the paper's main plot: reward on each epoch's fresh samples vs reward queries
         plot_runs(
-            {arm: [out / "runs" / arm / f"seed_{s}" for s in seeds] for arm in exp.arms},
+            runs,
             out / "sample_efficiency.png",
             ["reward_mean", "reward/world_judge"],
             x="queries",
