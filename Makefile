@@ -38,7 +38,7 @@ $(STAMP): setup.py constraints.txt
 # model sampled on the same 256 fresh noises (seed 100, never used in training) and scored by the judge.
 # A second `make demo` continues (or just re-reports) the run in $(DEMO_DIR).
 demo: $(STAMP)
-	$(PY) -m prdp_ds.train --output-dir $(DEMO_DIR) $(if $(wildcard $(DEMO_DIR)/checkpoints/latest),--resume)
+	$(PY) -m prdp_ds.train --output-dir $(DEMO_DIR) --resume
 	$(PY) -m prdp_ds.evaluate --train-config $(DEMO_DIR)/config.yaml --model demo=$(DEMO_DIR) \
 	    --prompts world_demo --reward '{world_alignment: 1.0, world_judge: 0.0, world_aesthetic: 0.0}' \
 	    --samples 64 --seed 100 --output-dir $(DEMO_DIR)/eval

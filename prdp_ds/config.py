@@ -347,6 +347,51 @@ def resolve(preset=None, config_file=None, overrides=()):
     return _build(layers, errors)
 
 
+# Keys a resume may change: they set how fast, how long or how visibly a run computes, not what it computes (the
+# learning rate, the epoch count, the tolerance for bad steps, memory and speed options, logging and checkpoint
+# cadence). They take effect from the resumed epoch and the run's config_history.jsonl records it (prdp_ds.rundir). A
+# name ending in '.' covers its section. A resume that changes any other key is refused: those keys define the
+# trajectories' distribution (model, sampler), the data (prompts, seeds, image counts) or the objective (loss, algo).
+RESUME_CHANGEABLE = (
+    "train.lr",
+    "train.epochs",
+    "train.max_bad_steps",
+    "train.images_per_chunk",
+    "train.steps_per_chunk",
+    "train.memory_margin",
+    "sampler.batch_size",
+    "sampler.ref_batch_size",
+    "loss.impl",
+    "model.gradient_checkpointing",
+    "model.channels_last",
+    "model.compile",
+    "output.",
+)
+
+
+def flat(cfg):
+    """{'section.key': value} of every key of a Config ('reward' is one key: its whole mapping)."""
+    out = {}
+    for key in valid_keys():
+        section, _, name = key.rpartition(".")
+        out[key] = getattr(getattr(cfg, section) if section else cfg, name)
+    return out
+
+
+def resume_changes(saved, new):
+    """The keys whose values differ between a checkpoint's config (`saved`) and this run's (`new`) ->
+    (refused, changed), each {key: (saved value, new value)}: `changed` holds the RESUME_CHANGEABLE keys, `refused`
+    the rest. A chunk size of 'auto' in `new` is no change: the resume takes the checkpoint's (prdp_ds.chunking)."""
+    old, now = flat(saved), flat(new)
+    refused, changed = {}, {}
+    for key in valid_keys():
+        if old[key] == now[key] or (key in AUTO_OR_INT and now[key] == "auto"):
+            continue
+        can = any(key == c or (c.endswith(".") and key.startswith(c)) for c in RESUME_CHANGEABLE)
+        (changed if can else refused)[key] = (old[key], now[key])
+    return refused, changed
+
+
 def to_dict(cfg):
     return dataclasses.asdict(cfg)
 

@@ -55,16 +55,18 @@ def init_distributed():
 
 
 def run_on_ranks(prog, fn):
-    """init_distributed, then fn(rank, world, device); a bad config, path or weight file ends the
-    process with one line naming the rank and the problem. A process group made here is torn down
-    at the end; one the caller made is left to the caller."""
+    """init_distributed, then fn(rank, world, device); a bad config, path, weight file, run directory or checkpoint
+    (or a checkpoint write that failed) ends the process with one line naming the rank and the problem. A process
+    group made here is torn down at the end; one the caller made is left to the caller."""
+    from prdp_ds.checkpoint import CheckpointError
     from prdp_ds.models import ModelLoadError
+    from prdp_ds.rundir import RunDirError
 
     owned = not torch.distributed.is_initialized()
     rank, world, device = init_distributed()
     try:
         return fn(rank, world, device)
-    except (ValueError, FileNotFoundError, ModelLoadError) as err:
+    except (ValueError, FileNotFoundError, ModelLoadError, CheckpointError, RunDirError) as err:
         sys.exit(f"{prog} (rank {rank}): {err}")
     finally:
         if owned and torch.distributed.is_initialized():

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from prdp_ds import config as config_lib
 from prdp_ds.engine import run_on_ranks
-from prdp_ds.models import ModelLoadError, load_models
+from prdp_ds.models import ModelLoadError, check_parts, load_models
 from prdp_ds.prompts import load_prompts
 from prdp_ds.rewards import build_reward
 from prdp_ds.sampler import SPACINGS, image_seeds, sample
@@ -247,6 +247,15 @@ def _place(module, device, dtype):
     return module.eval().requires_grad_(False)
 
 
+def unet_config(name, path):
+    from diffusers import UNet2DConditionModel
+
+    try:
+        return UNet2DConditionModel.load_config(path)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"--model {name}: cannot read a diffusers UNet config.json in {path}: {err}") from err
+
+
 def load_unet(model, base_unet):
     name, kind, path = model
     if kind == "lora":
@@ -332,6 +341,9 @@ def evaluate(
     dtype = _dtype(args.precision)
     for m in (base.unet, base.vae, base.text_encoder):
         _place(m, device, dtype)
+    for name, kind, path in models_arg:  # every finetuned UNet fits the base's VAE and text encoder, before sampling
+        if kind == "unet":
+            check_parts(unet_config(name, path), base.vae.config, base.text_encoder.config, f"--model {name} ({path})")
     base_unet, current = base.unet, None
     bar = tqdm(total=len(pending), desc="units", disable=rank != 0, dynamic_ncols=True)
     for start in range(0, len(pending), world):  # one round: a unit per rank, rank 0 saves them

@@ -10,6 +10,14 @@ import torch
 import torch.distributed as dist
 
 
+def _epoch(line):
+    """The 'epoch' of a JSON line, or None for a line that does not parse."""
+    try:
+        return json.loads(line)["epoch"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 class RunLog:
     def __init__(self, output_dir, enabled):
         self.dir = Path(output_dir)
@@ -22,10 +30,12 @@ class RunLog:
             self._tb = SummaryWriter(str(self.dir / "tensorboard"))
 
     def _append(self, name, record, resumed_from):
-        """Append a JSON line; on resume, lines of epochs >= resumed_from are dropped first."""
+        """Append a JSON line; on resume, lines of epochs >= resumed_from are dropped first (and a line torn by a
+        kill, which can only be the last, of an epoch that is being redone)."""
         path = self.dir / name
         if resumed_from is not None and path.exists():
-            keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["epoch"] < resumed_from]
+            epochs = [(line, _epoch(line)) for line in path.read_text().splitlines()]
+            keep = [line for line, epoch in epochs if epoch is not None and epoch < resumed_from]
             path.write_text("".join(line + "\n" for line in keep))
         with path.open("a") as f:
             f.write(json.dumps(record) + "\n")

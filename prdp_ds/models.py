@@ -255,12 +255,49 @@ def load_pretrained(source, reference=True):
     )
 
 
+def _field(config, key):
+    return config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+
+
+def check_parts(unet_config, vae_config, text_config, where):
+    """Whether a UNet fits the VAE and text encoder it runs with, from their configs (mappings or attribute
+    objects): latent channels in and out = the VAE's, sample size x the VAE's downscale = the VAE's sample size,
+    cross-attention width = the text encoder's hidden size. ModelLoadError naming `where` and every mismatch.
+    diffusers' AutoencoderKL gives its downscale as 2^(len(block_out_channels) - 1); another VAE as `downscale`."""
+    u = {k: _field(unet_config, k) for k in ("in_channels", "out_channels", "sample_size", "cross_attention_dim")}
+    problems = []
+    latent = _field(vae_config, "latent_channels")
+    if latent is not None and not u["in_channels"] == u["out_channels"] == latent:
+        problems.append(
+            f"the UNet takes {u['in_channels']} and gives {u['out_channels']} latent channels, "
+            f"the VAE's latents have {latent}"
+        )
+    blocks = _field(vae_config, "block_out_channels")
+    down = _field(vae_config, "downscale") or (2 ** (len(blocks) - 1) if blocks else None)
+    size = _field(vae_config, "sample_size")
+    if down and size and u["sample_size"] * down != size:
+        problems.append(
+            f"the UNet's {u['sample_size']}-latent samples decode to {u['sample_size'] * down} pixels (VAE "
+            f"downscale {down}), the VAE's sample_size is {size}"
+        )
+    width, hidden = u["cross_attention_dim"], _field(text_config, "hidden_size")
+    if hidden is not None and set(width if isinstance(width, (list, tuple)) else [width]) != {hidden}:
+        problems.append(f"the UNet's cross-attention width is {width}, the text encoder's hidden size {hidden}")
+    if problems:
+        raise ModelLoadError(f"{where}: the model's parts do not fit together: " + "; ".join(problems))
+
+
 def load_models(source, seed=0, reference=True):
     """`source` is 'tiny', 'world' (or 'world:WEIGHTS_DIR'), or a Stable Diffusion folder / hub id.
-    reference=False builds no reference UNet (ref_unet None): no second copy is ever made."""
+    reference=False builds no reference UNet (ref_unet None): no second copy is ever made. The parts are checked to
+    fit together (check_parts) before anything runs."""
     family, colon, weights = source.partition(":")
     if family in MODEL_FAMILIES:  # e.g. the pretrained synthetic world (prdp_ds/world)
         module, _, attr = MODEL_FAMILIES[family].partition(":")
         build = getattr(importlib.import_module(module), attr)
-        return build(weights if colon else None, reference=reference)
-    return build_tiny(seed, reference) if source == "tiny" else load_pretrained(source, reference)
+        models = build(weights if colon else None, reference=reference)
+    else:
+        models = build_tiny(seed, reference) if source == "tiny" else load_pretrained(source, reference)
+    parts = (models.unet.config, models.vae.config, models.text_encoder.config)
+    check_parts(*parts, f"model.pretrained={source!r}")
+    return models

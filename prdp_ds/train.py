@@ -22,9 +22,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from prdp_ds import chunking
+from prdp_ds import chunking, rundir
 from prdp_ds import config as config_lib
-from prdp_ds.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from prdp_ds.checkpoint import load_checkpoint, save_checkpoint
 from prdp_ds.ddpo import PerPromptStatTracker, advantages, ddpo_step
 from prdp_ds.engine import batch_arithmetic, build_ds_config, load_ds_json, make_engine, make_optimizer, run_on_ranks
 from prdp_ds.metrics import RunLog, logratio_noise, peak_memory_mb
@@ -51,7 +51,16 @@ def parse_args(argv=None):
     )
     p.add_argument("--output-dir", default="runs/prdp", help="where config, metrics, samples and checkpoints go")
     p.add_argument(
-        "--resume", nargs="?", const="latest", default=None, help="'latest' (in --output-dir) or a checkpoint dir"
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        help="continue the run in --output-dir: 'latest' (its newest checkpoint; none: start anew) or a checkpoint dir",
+    )
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="start over in an --output-dir that holds a run: its contents move to OUTPUT_DIR.replaced-<time>",
     )
     p.add_argument(
         "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
@@ -108,8 +117,12 @@ class Preemption:
 
 
 class Trainer:
-    def __init__(self, cfg, ds_json, output_dir, rank, world, device, resume=None):
+    """One run. claim: the run directory's prdp_ds.rundir.Claim (the checkpoint to resume and the changes a resume
+    makes); None trains from scratch in output_dir unchecked (benchmarks)."""
+
+    def __init__(self, cfg, ds_json, output_dir, rank, world, device, claim=None):
         self.cfg, self.output_dir, self.rank, self.world, self.device = cfg, Path(output_dir), rank, world, device
+        self.claim = claim or rundir.Claim(None, {}, [])
         self.reward_fn = build_reward(cfg.reward, device)  # fails here, before any sampling
         # checks the JSON and the split before any model loads; 'auto' chunk sizes are resolved below
         self.ds_config = build_ds_config(ds_json, chunking.cpu_rule(cfg, world), world)
@@ -128,9 +141,8 @@ class Trainer:
         self.models.apply_options(cfg.model.channels_last, cfg.model.compile)
         if cfg.model.gradient_checkpointing:
             self.models.unet.enable_gradient_checkpointing()
-        # the checkpoint --resume names (None: a fresh run); its config fixes 'auto' chunk sizes
-        self.resume = resume
-        self.ckpt = find_checkpoint(self.output_dir, resume) if resume else None
+        # the checkpoint to resume (None: a fresh run); its config fixes 'auto' chunk sizes
+        self.ckpt = self.claim.checkpoint
         # 'auto' chunk sizes: before the engine, whose gradient_accumulation_steps is the chunk count
         dtype = torch.bfloat16 if bf16 else torch.float32
         self.cfg, self.chunk_note = chunking.resolve(cfg, world, device, self.models, dtype, self.ckpt)
@@ -187,8 +199,13 @@ class Trainer:
             print("precision: fp32 (bf16.enabled is false in the DeepSpeed JSON)", flush=True)
         else:
             print("precision: fp32 (no bf16-capable accelerator found)", flush=True)
+        for note in self.claim.notes:
+            print(note, flush=True)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        (self.output_dir / "config.yaml").write_text(config_lib.dump(self.cfg))
+        if self.ckpt is None:  # a fresh start: nothing of an earlier attempt governs any epoch
+            (self.output_dir / rundir.HISTORY).unlink(missing_ok=True)
+        if self.ckpt is None or not (self.output_dir / "config.yaml").is_file():  # the config the run started with
+            (self.output_dir / "config.yaml").write_text(config_lib.dump(self.cfg))
 
     def rollout(self, epoch, from_reference=False, policy_is_reference=False):
         """Sample this rank's groups for `epoch` with the policy (or the reference) and score them
@@ -248,9 +265,10 @@ class Trainer:
             return {}
         return {"eval/reward_mean": total.mean().item(), **{f"eval/{k}": v.mean().item() for k, v in parts.items()}}
 
-    def train_epoch(self, epoch, traj, rewards, parts, sample_s, first_k, preempt):
+    def train_epoch(self, epoch, traj, rewards, parts, sample_s, first_k, preempt, so_far=None):
         """Optimizer steps first_k..K-1 on one rollout -> the epoch's metrics record (SystemExit on
-        preemption or too many bad steps)."""
+        preemption or too many bad steps). so_far: the statistics of steps 0..first_k-1 from a mid-epoch
+        checkpoint ({'steps', 'noise', 'sample_s', 'train_s'}), so that the record covers the whole epoch."""
         cfg = self.cfg
         cond = self.models.encode_prompts(traj.flat_prompts)
         uncond = self.models.encode_prompts([""])
@@ -258,8 +276,10 @@ class Trainer:
         if self.tracker is not None:  # DDPO: this epoch's rewards enter the tracker once
             tracker_before = self.tracker.state_dict()
             adv = advantages(self.tracker, traj, rewards, cfg.ddpo)
-        noise = self.logratio_noise(epoch, traj, cond, uncond) if first_k == 0 else {}
-        steps, k = [], first_k
+        so_far = so_far or {"steps": [], "noise": {}, "sample_s": 0.0, "train_s": 0.0}
+        sample_s += so_far["sample_s"]
+        noise = self.logratio_noise(epoch, traj, cond, uncond) if first_k == 0 else so_far["noise"]
+        steps, k = list(so_far["steps"]), first_k
         while k < cfg.train.steps_per_epoch:
             if self.tracker is None:
                 stats = prdp_step(
@@ -273,6 +293,7 @@ class Trainer:
             if preempt.agreed(self.device) and k < cfg.train.steps_per_epoch:
                 self.say(f"SIGTERM: checkpointing epoch {epoch} after step {k} and exiting")
                 state = self.state(epoch, k, tracker_before if self.tracker is not None else None)
+                elapsed = so_far["train_s"] + time.perf_counter() - start
                 save_checkpoint(
                     self.engine,
                     cfg,
@@ -280,9 +301,10 @@ class Trainer:
                     state,
                     self.rank,
                     rollout=(traj, rewards, parts) if self.offline is None else None,
+                    epoch_so_far={"steps": steps, "noise": noise, "sample_s": sample_s, "train_s": elapsed},
                 )
                 raise SystemExit(0)
-        train_s = time.perf_counter() - start
+        train_s = so_far["train_s"] + time.perf_counter() - start
         all_rewards = _gather(rewards.reshape(-1))
         applied = [s for s in steps if "skipped" not in s]
         keys = [key for key in ("clip_frac", "kl", "pred_err") if applied and key in applied[0]]
@@ -362,27 +384,29 @@ class Trainer:
 
     def run(self):
         cfg, ckpt = self.cfg, self.ckpt
-        start_epoch, first_k, rollout = 0, 0, None
-        if self.resume and ckpt is None:
-            where = self.output_dir / "checkpoints"
-            self.say(f"--resume {self.resume}: no complete checkpoint in {where}; starting fresh")
+        start_epoch, first_k, rollout, so_far = 0, 0, None, None
         if ckpt is not None:
-            state, rollout = load_checkpoint(self.engine, ckpt, self.rank, self.schedule, self.device)
-            if state.get("algo", "prdp") != cfg.algo.name:
-                raise ValueError(
-                    f"--resume {ckpt}: made with algo.name={state.get('algo', 'prdp')!r}, "
-                    f"this run has algo.name={cfg.algo.name!r}"
-                )
+            state, rollout, so_far = load_checkpoint(self.engine, ckpt, self.rank, self.schedule, self.device)
             if "prompts" in state:
                 self.prompt_sampler.check_state(state["prompts"])
             if self.tracker is not None:
                 self.tracker.load_state_dict(state["ddpo_tracker"])
+            for group in self.engine.optimizer.param_groups:  # a changed train.lr takes effect (the rest is in cfg)
+                group["lr"] = cfg.train.lr
             start_epoch, first_k = state["epoch"], state["step_in_epoch"]
             if first_k >= cfg.train.steps_per_epoch:
-                start_epoch, first_k, rollout = start_epoch + 1, 0, None
+                start_epoch, first_k, rollout, so_far = start_epoch + 1, 0, None, None
             self.say(f"resumed from {ckpt} at epoch {start_epoch} step {first_k}")
         preempt = Preemption()  # before announcing: a launcher may signal as soon as it sees output
         self.announce()
+        if self.claim.changes and self.rank == 0:
+            rundir.record_changes(self.output_dir, self.claim.changes, start_epoch, first_k, ckpt)
+            self.say(
+                f"changed on resume, from epoch {start_epoch} step {first_k} on (recorded in {rundir.HISTORY}): "
+                + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in self.claim.changes.items())
+            )
+        if start_epoch >= cfg.train.epochs:
+            self.say(f"nothing to train: the run is at epoch {start_epoch} and train.epochs is {cfg.train.epochs}")
         if self.offline is not None:
             self.say(f"offline mode: rollouts of the reference model in {self.offline.dir}")
             self.offline.build(cfg.train.epochs, lambda e: self.rollout(e, from_reference=True)[:3])
@@ -397,11 +421,12 @@ class Trainer:
             else:
                 traj, rewards, parts, sample_s = self.rollout(epoch, policy_is_reference=ckpt is None and epoch == 0)
                 first_k = 0
-            record = self.train_epoch(epoch, traj, rewards, parts, sample_s, first_k, preempt)
+            record = self.train_epoch(epoch, traj, rewards, parts, sample_s, first_k, preempt, so_far)
+            so_far = None
             last = epoch == cfg.train.epochs - 1
             if cfg.output.sample_every and (epoch % cfg.output.sample_every == 0 or last):
                 record.update(self.eval_grid(epoch))
-            resumed_from = epoch if epoch == start_epoch and ckpt is not None else None
+            resumed_from = epoch if epoch == start_epoch else None  # rows an interrupted attempt left go first
             self.log.log(record, resumed_from)
             self.log.log_prompts(epoch, _gather_prompts(traj.prompts), resumed_from)
             bar.set_postfix(reward=f"{record['reward_mean']:.4g}", loss=f"{record['loss']:.4g}")
@@ -430,10 +455,15 @@ def main(argv=None):
         ds_json = load_ds_json(args.config or DEFAULT_DS_CONFIG)
     except ValueError as err:
         sys.exit(f"prdp_ds.train: {err}")
-    run_on_ranks(
-        "prdp_ds.train",
-        lambda rank, world, device: Trainer(cfg, ds_json, args.output_dir, rank, world, device, args.resume).run(),
-    )
+
+    def train(rank, world, device):
+        claim = rundir.agree(lambda: rundir.claim(args.output_dir, cfg, args.resume, args.restart), rank)
+        try:
+            Trainer(cfg, ds_json, args.output_dir, rank, world, device, claim).run()
+        finally:
+            claim.release()
+
+    run_on_ranks("prdp_ds.train", train)
 
 
 if __name__ == "__main__":

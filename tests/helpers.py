@@ -1,5 +1,6 @@
 """Helpers shared by several test files (a test file never imports another): the tiny two-pass setup
-(test_twopass, test_ddpo, test_lora) and end-to-end trainer runs (test_train, test_offline). The
+(test_twopass, test_ddpo, test_lora), end-to-end trainer runs (test_train, test_offline, test_faults) and a tiny
+model in the Stable Diffusion folder layout (test_models, test_faults). The
 `rollout` fixture lives in conftest.py."""
 
 import copy
@@ -15,6 +16,7 @@ import torch
 from prdp_ds.config import Config
 from prdp_ds.engine import build_ds_config, make_engine
 from prdp_ds.logratio import guided_eps, step_log_ratio
+from prdp_ds.models import OpenClipTokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 W, T, G, B = 5.0, 4, 2, 3
@@ -131,5 +133,35 @@ def run(args, ranks=1, check=True, threads=None):
     return proc
 
 
+def start_until(cmd, marker, env=None):
+    """Start `cmd` in the repository (stdout and stderr piped together) and read its output up to the first line
+    holding `marker` -> (the process, the lines read). The caller reads the rest and waits."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if marker in line:
+            break
+    return proc, lines
+
+
 def metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def save_sd_folder(models, root):
+    """Write tiny models in the diffusers Stable Diffusion layout, tokenizer files included."""
+    models.unet.save_pretrained(root / "unet")
+    models.vae.save_pretrained(root / "vae")
+    models.text_encoder.save_pretrained(root / "text_encoder")
+    models.scheduler.save_pretrained(root / "scheduler")
+    bpe = OpenClipTokenizer(16)._tok
+    (root / "tokenizer").mkdir()
+    specials = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}  # HF spelling
+    (root / "tokenizer" / "vocab.json").write_text(json.dumps({specials.get(k, k): v for k, v in bpe.encoder.items()}))
+    merges = sorted(bpe.bpe_ranks, key=bpe.bpe_ranks.get)
+    (root / "tokenizer" / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    (root / "tokenizer" / "tokenizer_config.json").write_text(
+        json.dumps({"model_max_length": 16, "pad_token": "!"})
+    )  # id 0, as open_clip pads

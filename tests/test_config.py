@@ -242,3 +242,23 @@ def test_every_key_but_the_bools_has_a_rule():
         if key not in config_lib.RANGES and key not in config_lib.CHOICES and not isinstance(value, bool):
             unruled.add(key)
     assert unruled == {"algo.offline_dir", "output.eval_prompts"}  # any folder; checked against sample_every
+
+
+@pytest.mark.parametrize(
+    "override, refused, changed",
+    [
+        ("train.lr=1e-4", {}, {"train.lr": (3e-4, 1e-4)}),
+        ("output.eval_images=2", {}, {"output.eval_images": (4, 2)}),
+        ("model.gradient_checkpointing=true", {}, {"model.gradient_checkpointing": (False, True)}),
+        ("train.images_per_chunk=auto", {}, {}),
+        ("train.images_per_chunk=16", {}, {"train.images_per_chunk": (32, 16)}),
+        ("sampler.guidance_scale=3", {"sampler.guidance_scale": (5.0, 3.0)}, {}),
+        ("train.steps_per_epoch=3", {"train.steps_per_epoch": (2, 3)}, {}),
+        ("reward={brightness: 2.0}", {"reward": ({"brightness": 1.0}, {"brightness": 2.0})}, {}),
+        ("train.weight_decay=0", {"train.weight_decay": (1e-4, 0.0)}, {}),
+    ],
+)
+def test_resume_changes_splits_what_a_resume_may_change_from_what_it_may_not(override, refused, changed):
+    saved = resolve("tiny_demo")
+    assert config_lib.resume_changes(saved, resolve("tiny_demo", None, [override])) == (refused, changed)
+    assert config_lib.resume_changes(saved, saved) == ({}, {})

@@ -1,11 +1,9 @@
-import json
-
 import pytest
 import torch
-from helpers import _cfg
+from helpers import _cfg, save_sd_folder
 
 from prdp_ds.engine import build_ds_config, make_engine
-from prdp_ds.models import ModelLoadError, OpenClipTokenizer, build_tiny, load_models, load_pretrained, make_scheduler
+from prdp_ds.models import ModelLoadError, build_tiny, check_parts, load_models, load_pretrained, make_scheduler
 
 
 def test_tiny_is_seeded_and_ref_is_a_frozen_copy():
@@ -30,26 +28,9 @@ def test_tiny_tokenizer_encoder_and_decoder():
     assert images.shape == (2, 3, 32, 32) and images.min() >= 0 and images.max() <= 1
 
 
-def _save_as_sd_folder(models, root):
-    """Write tiny models in the diffusers Stable Diffusion layout, tokenizer files included."""
-    models.unet.save_pretrained(root / "unet")
-    models.vae.save_pretrained(root / "vae")
-    models.text_encoder.save_pretrained(root / "text_encoder")
-    models.scheduler.save_pretrained(root / "scheduler")
-    bpe = OpenClipTokenizer(16)._tok
-    (root / "tokenizer").mkdir()
-    specials = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}  # HF spelling
-    (root / "tokenizer" / "vocab.json").write_text(json.dumps({specials.get(k, k): v for k, v in bpe.encoder.items()}))
-    merges = sorted(bpe.bpe_ranks, key=bpe.bpe_ranks.get)
-    (root / "tokenizer" / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    (root / "tokenizer" / "tokenizer_config.json").write_text(
-        json.dumps({"model_max_length": 16, "pad_token": "!"})
-    )  # id 0, as open_clip pads
-
-
 def test_load_pretrained_round_trip(tmp_path):
     tiny = build_tiny(3)
-    _save_as_sd_folder(tiny, tmp_path)
+    save_sd_folder(tiny, tmp_path)
     loaded = load_models(str(tmp_path))
     for a, b in zip(tiny.unet.state_dict().values(), loaded.unet.state_dict().values()):
         assert torch.equal(a, b)
@@ -64,7 +45,7 @@ def test_reference_false_makes_no_copy(tmp_path, monkeypatch, source):
     """Evaluation loads with reference=False: no reference UNet, and no deep copy of the UNet is made
     (at SD size 860 M fp32 parameters: 3.4 GB of host memory)."""
     if source == "sd_folder":
-        _save_as_sd_folder(build_tiny(3), tmp_path)
+        save_sd_folder(build_tiny(3), tmp_path)
         source = str(tmp_path)
     import copy
 
@@ -161,3 +142,31 @@ def test_model_options_are_config_keys_checked_at_resolution():
         resolve("tiny_demo", overrides=["model.compile=1"])
     with pytest.raises(ConfigError, match="sampler.ref_batch_size: expected at least 1, got 0"):
         resolve("tiny_demo", overrides=["sampler.ref_batch_size=0"])
+
+
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        ({"in_channels": 8}, "the UNet takes 8 and gives 4 latent channels, the VAE's latents have 4"),
+        ({"out_channels": 3}, "the UNet takes 4 and gives 3 latent channels"),
+        (
+            {"sample_size": 16},
+            "the UNet's 16-latent samples decode to 64 pixels (VAE downscale 4), the VAE's sample_size is 32",
+        ),
+        ({"cross_attention_dim": 64}, "the UNet's cross-attention width is 64, the text encoder's hidden size 32"),
+    ],
+)
+def test_check_parts_names_the_model_and_each_mismatch(change, problem):
+    m = build_tiny(0)
+    check_parts(m.unet.config, m.vae.config, m.text_encoder.config, "model.pretrained='tiny'")
+    with pytest.raises(ModelLoadError) as err:
+        check_parts({**m.unet.config, **change}, m.vae.config, m.text_encoder.config, "model.pretrained='/sd'")
+    assert str(err.value).startswith("model.pretrained='/sd': the model's parts do not fit together: ")
+    assert problem in str(err.value)
+
+
+def test_the_world_models_parts_fit():
+    m = load_models("world", reference=False)
+    check_parts(m.unet.config, m.vae.config, m.text_encoder.config, "model.pretrained='world'")
+    with pytest.raises(ModelLoadError, match="the VAE's latents have 3"):
+        check_parts({**m.unet.config, "in_channels": 4}, m.vae.config, m.text_encoder.config, "world")

@@ -72,7 +72,7 @@ class PooledVAE(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.dummy = torch.nn.Parameter(torch.zeros(()), requires_grad=False)
-        self.config = SimpleNamespace(scaling_factor=1.0)
+        self.config = SimpleNamespace(scaling_factor=1.0, latent_channels=3, downscale=LATENT_FACTOR, sample_size=RES)
 
     def decode(self, z):
         """(n, 3, 16, 16) latents -> (n, 3, 32, 32) images in [-1, 1] (not clamped)."""
