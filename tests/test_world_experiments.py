@@ -3,6 +3,7 @@ shortened (--quick), and the aggregation over seeds. The science is in results/w
 
 import json
 import math
+import shutil
 
 import pytest
 
@@ -50,10 +51,18 @@ def test_quick_experiment_writes_finite_results(name, tmp_path, world):
     assert saved["meta"]["quick"] and saved["results"] == json.loads(json.dumps(results))
     for arm in exp.arms:
         assert (out / "runs" / arm / "seed_0" / "checkpoints" / "latest").is_file()
-    if name == "E1":  # a rerun keeps finished runs and evaluation units
+    if name == "E1":  # a rerun reuses an evaluated seed without its checkpoints, and trains only a new seed
+        shutil.rmtree(out / "runs" / "prdp" / "seed_0" / "checkpoints")
         stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/seed_0/metrics.jsonl")}
-        ex.run(name, [0], out, quick=True)
+        again = ex.run(name, [0, 1], out, quick=True)
         assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+        assert (out / "runs" / "prdp" / "seed_1" / "checkpoints" / "latest").is_file()
+        assert (
+            again["prdp"]["world_demo"]["world_alignment"]["per_seed"][0]
+            == results["prdp"]["world_demo"]["world_alignment"]["per_seed"][0]
+        )
+        walls = json.loads((out / "results.json").read_text())["meta"]["seed_wall_s"]
+        assert set(walls) == {"0", "1"} and all(w["wall_s"] > 0 and w["machine"] for w in walls.values())
 
 
 def _eval(base, prdp):

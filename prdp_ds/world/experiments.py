@@ -13,8 +13,9 @@ hackable image-only aesthetic reward. Then it aggregates over seeds.
 Outputs in --out: runs/ARM/seed_S/ and eval/seed_S/ (each run and each seed's evaluation), results.json
 and results.md (model x prompt set x score: mean and SE over seeds, paired differences to the base),
 curves.png, grid_SET.png and (E1) sample_efficiency.png; their layout: docs/world.md. A rerun continues where
-it stopped (finished runs kept, an unfinished one resumed from its latest checkpoint, the evaluation from its
-finished units).
+it stopped: a seed whose eval/seed_S/eval.json exists is reused as it is (its runs' metrics.jsonl are all the figures
+need; delete eval/seed_S to redo it), finished runs are kept, an unfinished one resumes from its latest checkpoint
+and the evaluation from its finished units. So adding a seed to a finished experiment trains only that seed.
 --quick shrinks every run to a few images and steps: it checks the machinery (CI), not the science.
 
 Runs in one process on the CPU (the world is small); it holds one process group for all its runs.
@@ -135,10 +136,8 @@ def train_arm(run_dir, preset, overrides):
         json.loads(line)["epoch"] == epochs - 1 for line in metrics.read_text().splitlines() if line
     ):
         return
-    if not checkpointed and run_dir.exists():
-        shutil.rmtree(run_dir)  # a run that never checkpointed: start it again from scratch
     argv = ["--preset", preset, "--output-dir", str(run_dir), *[a for o in overrides for a in ("--set", o)]]
-    train_main(argv + (["--resume", "latest"] if checkpointed else []))
+    train_main([*argv, "--resume", "latest"])  # a run that never checkpointed starts again from scratch
 
 
 def evaluate_seed(exp, out, seed, quick):
@@ -220,10 +219,26 @@ def markdown(name, exp, results, meta):
         f"- command: `{meta['command']}`",
         f"- date: {meta['date']}",
         f"- machine: {meta['machine']}",
-        f"- wall time per seed in this invocation (s; finished runs are skipped): {meta['seed_wall_s']}",
+        "- wall time per seed (training and evaluation; finished runs skipped), from the invocation that ran it: "
+        + "; ".join(f"seed {s}: {_wall(w)}" for s, w in meta["seed_wall_s"].items()),
         "",
     ]
     return "\n".join(lines)
+
+
+def now():
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def machine():
+    return (
+        f"{platform.node()}, {platform.platform()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    )
+
+
+def _wall(w):
+    """A seed's wall-time record ({'wall_s', 'machine', 'date'}, eval/seed_S/wall.json) or None."""
+    return "not recorded" if w is None else f"{w['wall_s']} s ({w['date']}, {w['machine']})"
 
 
 def run(name, seeds, out, quick=False):
@@ -235,12 +250,19 @@ def run(name, seeds, out, quick=False):
     init_distributed()  # one group for every run of this process (DeepSpeed caches its groups)
     evals, seed_wall = [], {}
     for seed in seeds:
+        done, wall = out / "eval" / f"seed_{seed}" / "eval.json", out / "eval" / f"seed_{seed}" / "wall.json"
+        if done.is_file():  # evaluated by an earlier invocation: reused, with the wall time measured then
+            evals.append(json.loads(done.read_text()))
+            seed_wall[seed] = json.loads(wall.read_text()) if wall.is_file() else None
+            print(f"{name} seed {seed}: reusing {done}", flush=True)
+            continue
         start = time.time()
         for arm in exp.arms:
             preset, overrides = arm_overrides(exp, arm, seed, quick)
             train_arm(out / "runs" / arm / f"seed_{seed}", preset, overrides)
         evals.append(evaluate_seed(exp, out, seed, quick))
-        seed_wall[seed] = round(time.time() - start, 1)
+        seed_wall[seed] = {"wall_s": round(time.time() - start, 1), "machine": machine(), "date": now()}
+        wall.write_text(json.dumps(seed_wall[seed]))
     results = aggregate(evals)
     meta = {
         "experiment": name,
@@ -248,9 +270,8 @@ def run(name, seeds, out, quick=False):
         "quick": quick,
         "samples": evals[0]["settings"]["samples"],
         "command": shlex.join(["python", "-m", "prdp_ds.world.experiments", *sys.argv[1:]]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.node()}, {platform.platform()}, {torch.get_num_threads()} torch threads, "
-        f"torch {torch.__version__}",
+        "date": now(),
+        "machine": machine(),
         "seed_wall_s": seed_wall,
         "arms": {a: list(v) for a, v in exp.arms.items()},
     }
