@@ -81,7 +81,7 @@ class PromptsConfig:
 
 @dataclass
 class AlgoConfig:
-    name: str = "prdp"  # 'prdp' (this paper) or 'ddpo' (the baseline, docs/design.md §9)
+    name: str = "prdp"  # 'prdp' (this paper), 'ddpo' (the baseline, docs/design.md §9) or 'grpo' (Flow-GRPO/DanceGRPO)
     online: bool = True  # False: offline mode (paper 4.3), train on trajectories sampled once from the reference
     offline_dir: str = ""  # offline dataset folder ('' means OUTPUT_DIR/offline); reused and completed if present
 
@@ -94,6 +94,23 @@ class DDPOConfig:
     buffer_size: int = 16  # rewards kept per prompt in the statistics tracker (DDPO's default)
     min_count: int = 16  # history needed before a prompt's own statistics replace the batch's
     reduction: str = "mean"  # units of the PPO ratio's log-prob: 'mean' over latent elements (DDPO's code) or 'sum'
+
+
+@dataclass
+class GRPOConfig:
+    # PPO clip on the per-step ratio exp(logp_theta - logp_old); 1e-4: Flow-GRPO config/base.py train.clip_range and
+    # DanceGRPO fastvideo/train_grpo_flux.py --clip_range
+    clip_range: float = 1e-4
+    # advantages are clipped to [-adv_clip, adv_clip]; 5.0: DanceGRPO train_grpo_flux.py --adv_clip_max (Flow-GRPO too)
+    adv_clip: float = 5.0
+    # beta, weight of the per-step KL to the reference (0: off). Flow-GRPO config/base.py: train.beta = 0.0; its SD3.5
+    # presets (config/grpo.py) set 0.01 (pickscore_sd3), 0.02 (clipscore_sd3), 0.04 (geneval_sd3, general_ocr_sd3), in
+    # per-element-mean units; DanceGRPO uses no KL
+    kl_weight: float = 0.0
+    # fraction of each trajectory's T steps trained per optimizer step, in (0, 1]: DanceGRPO's timestep_fraction
+    # (train_grpo_flux.py default 1.0; Flow-GRPO's presets 0.99); 1.0 trains every step
+    step_fraction: float = 1.0
+    reduction: str = "mean"  # units of the ratio's log-prob and of KL_t: 'mean' over latent elements (both) or 'sum'
 
 
 @dataclass
@@ -115,6 +132,7 @@ class Config:
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     ddpo: DDPOConfig = field(default_factory=DDPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     reward: dict[str, typing.Any] = field(
         default_factory=lambda: {"brightness": 1.0}
@@ -128,9 +146,10 @@ class ConfigError(ValueError):
 CHOICES = {
     "loss.reduction": ("sum", "mean"),
     "loss.impl": ("auto", "torch", "triton"),
-    "algo.name": ("prdp", "ddpo"),
+    "algo.name": ("prdp", "ddpo", "grpo"),
     "prompts.over_length": ("truncate", "drop"),
     "ddpo.reduction": ("sum", "mean"),
+    "grpo.reduction": ("sum", "mean"),
     "sampler.spacing": ("uniform", "quadratic", "logsnr"),
 }
 AUTO_OR_INT = ("train.images_per_chunk", "train.steps_per_chunk")  # a positive int or 'auto'
@@ -186,6 +205,10 @@ RANGES = {
     "ddpo.adv_clip": _POSITIVE,
     "ddpo.buffer_size": _at_least(1),
     "ddpo.min_count": _at_least(1),
+    "grpo.clip_range": _POSITIVE,
+    "grpo.adv_clip": _POSITIVE,
+    "grpo.kl_weight": _NON_NEGATIVE,
+    "grpo.step_fraction": (lambda v: 0 < v <= 1, "a float in (0, 1]"),
     "output.save_every": _at_least(0),
     "output.sample_every": _at_least(0),
     "output.eval_images": _at_least(1),
@@ -223,10 +246,16 @@ def _check_value(key, value, typ):
 def _relation_errors(cfg):
     """One line per key whose value the other keys rule out (each value already in its own range)."""
     t, d, errors = cfg.train, cfg.ddpo, []
-    if cfg.algo.name == "prdp" and t.images_per_prompt == 1:
+    if cfg.algo.name in ("prdp", "grpo") and t.images_per_prompt == 1:
+        why = "its loss compares pairs of" if cfg.algo.name == "prdp" else "its advantages standardize within"
         errors.append(
-            "train.images_per_prompt: expected at least 2 with algo.name 'prdp' (its loss compares pairs of "
+            f"train.images_per_prompt: expected at least 2 with algo.name {cfg.algo.name!r} ({why} "
             "a prompt's images), got 1"
+        )
+    if cfg.algo.name == "grpo" and not cfg.algo.online:
+        errors.append(
+            "algo.online: expected true with algo.name 'grpo' (its PPO ratio is to the sampling policy: on fixed "
+            "reference rollouts the clip would zero its gradient once the policy moves), got False"
         )
     if d.buffer_size >= 1 and d.min_count > d.buffer_size:
         errors.append(f"ddpo.min_count: expected at most ddpo.buffer_size = {d.buffer_size}, got {d.min_count}")
@@ -238,6 +267,13 @@ def _relation_errors(cfg):
     if cfg.output.sample_every > 0 and not cfg.output.eval_prompts:
         errors.append("output.eval_prompts: expected at least one prompt while output.sample_every > 0, got []")
     return errors
+
+
+def trained_steps(cfg):
+    """Denoising steps of each trajectory that one optimizer step trains: T, or with algo.name 'grpo'
+    max(1, int(grpo.step_fraction * T)) (DanceGRPO's int(T * timestep_fraction), at least one)."""
+    T = cfg.sampler.num_steps
+    return max(1, int(cfg.grpo.step_fraction * T)) if cfg.algo.name == "grpo" else T
 
 
 def _value_errors(cfg):

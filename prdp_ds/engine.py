@@ -18,6 +18,7 @@ import sys
 
 import torch
 
+from prdp_ds.config import trained_steps
 from prdp_ds.prompts import rank_slice
 
 OWNED = (
@@ -85,7 +86,7 @@ def batch_arithmetic(cfg, world_size):
     groups = len(rank_slice(t.prompts_per_epoch, 0, world_size))  # raises on an uneven split
     images = groups * t.images_per_prompt
     image_chunks = math.ceil(images / t.images_per_chunk)
-    step_chunks = math.ceil(cfg.sampler.num_steps / t.steps_per_chunk)
+    step_chunks = math.ceil(trained_steps(cfg) / t.steps_per_chunk)
     return dict(
         world_size=world_size,
         groups_per_rank=groups,

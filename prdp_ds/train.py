@@ -6,8 +6,9 @@
 
 Per epoch: draw this rank's prompt groups, sample them with the current policy (no grad),
 score them, then K optimizer steps, each exact over whole trajectories (prdp_ds.twopass).
-`algo.name: ddpo` takes DDPO's steps instead (prdp_ds.ddpo) on the same rollouts, and
-`algo.online: false` reads the rollouts from a dataset sampled once from the reference (prdp_ds.offline).
+`algo.name: ddpo` takes DDPO's steps instead (prdp_ds.ddpo) on the same rollouts, `algo.name: grpo` GRPO's
+(prdp_ds.grpo), and `algo.online: false` reads the rollouts from a dataset sampled once from the reference
+(prdp_ds.offline).
 """
 
 import argparse
@@ -27,6 +28,7 @@ from prdp_ds import config as config_lib
 from prdp_ds.checkpoint import load_checkpoint, save_checkpoint
 from prdp_ds.ddpo import PerPromptStatTracker, advantages, ddpo_step
 from prdp_ds.engine import batch_arithmetic, build_ds_config, load_ds_json, make_engine, make_optimizer, run_on_ranks
+from prdp_ds.grpo import group_advantages, grpo_step, step_subset
 from prdp_ds.metrics import RunLog, logratio_noise, peak_memory_mb
 from prdp_ds.models import load_models
 from prdp_ds.offline import OfflineDataset, dataset_meta
@@ -276,17 +278,22 @@ class Trainer:
         if self.tracker is not None:  # DDPO: this epoch's rewards enter the tracker once
             tracker_before = self.tracker.state_dict()
             adv = advantages(self.tracker, traj, rewards, cfg.ddpo)
+        elif cfg.algo.name == "grpo":  # from this epoch's rewards alone: a resume recomputes them
+            adv = group_advantages(rewards, cfg.grpo.adv_clip)
         so_far = so_far or {"steps": [], "noise": {}, "sample_s": 0.0, "train_s": 0.0}
         sample_s += so_far["sample_s"]
         noise = self.logratio_noise(epoch, traj, cond, uncond) if first_k == 0 else so_far["noise"]
         steps, k = list(so_far["steps"]), first_k
         while k < cfg.train.steps_per_epoch:
-            if self.tracker is None:
+            if cfg.algo.name == "prdp":
                 stats = prdp_step(
                     self.engine, traj, rewards, cond, uncond, cfg, self.impl, first_step=k == 0 and cfg.algo.online
                 )
-            else:
+            elif cfg.algo.name == "ddpo":
                 stats = ddpo_step(self.engine, traj, adv, cond, uncond, cfg, self.impl)
+            else:
+                steps_k = step_subset(cfg, epoch, k, rewards.device)
+                stats = grpo_step(self.engine, traj, adv, cond, uncond, cfg, self.impl, steps_k)
             k += 1
             self._handle_bad(epoch, k, stats, traj)
             steps.append(stats)
@@ -307,7 +314,8 @@ class Trainer:
         train_s = so_far["train_s"] + time.perf_counter() - start
         all_rewards = _gather(rewards.reshape(-1))
         applied = [s for s in steps if "skipped" not in s]
-        keys = [key for key in ("clip_frac", "kl", "pred_err") if applied and key in applied[0]]
+        local_keys = ("clip_frac", "kl", "pred_err", "kl_penalty", "adv_mean", "adv_std", "steps_trained")
+        keys = [key for key in local_keys if applied and key in applied[0]]
         local = {key: sum(s[key] for s in applied) / len(applied) for key in keys}
         components = {}
         for name, v in parts.items():
@@ -342,7 +350,7 @@ class Trainer:
         Rank 0 warns when its max exceeds loss.clip_range: the proximal clip of steps 2..K then acts on noise."""
         cfg = self.cfg
         every = cfg.output.noise_every
-        if not (every and epoch % every == 0 and cfg.algo.online and self.tracker is None):
+        if not (every and epoch % every == 0 and cfg.algo.online and cfg.algo.name == "prdp"):
             return {}
         r = policy_log_ratios(self.engine, traj, cond, uncond, cfg, self.impl)
         noise = logratio_noise(r, traj.log_ratio_old)
@@ -355,7 +363,8 @@ class Trainer:
         return noise
 
     def state(self, epoch, step_in_epoch, tracker_state=None):
-        """What trainer_state.json holds besides the engine: position, DDPO statistics."""
+        """What trainer_state.json holds besides the engine: position, DDPO statistics (GRPO keeps none: its
+        advantages and step subsets are functions of the rollout, the seed, the epoch and the step)."""
         state = {
             "epoch": epoch,
             "step_in_epoch": step_in_epoch,

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from prdp_ds.logratio import cfg_step_log_ratio
+from prdp_ds.logratio import cfg_step_log_ratio, guided_eps
 from prdp_ds.loss import rdp_diagnostics, rdp_loss
 from prdp_ds.sampler import cfg_predict
 
@@ -47,12 +47,29 @@ def chunk_log_ratios(unet, traj, cond, uncond, images, steps, cfg, impl, against
     """log pi_theta - log pi_ref (or pi_old with against="eps_old") for images x steps of the
     flattened trajectories -> (n_images, n_steps) fp32, in cfg.loss.reduction units.
 
-    traj tensors are flattened to (n, T(+1), ...); cond: (n, L, dim), uncond: (1, L, dim)."""
+    traj tensors are flattened to (n, T(+1), ...); cond: (n, L, dim), uncond: (1, L, dim); steps: a slice or an
+    (n_steps,) int64 index tensor (prdp_ds.grpo's step subsets)."""
+    return _chunk(unet, traj, cond, uncond, images, steps, cfg, impl, against)[0]
+
+
+def chunk_log_ratios_eps(unet, traj, cond, uncond, images, steps, cfg, impl, against="eps_ref"):
+    """chunk_log_ratios and the policy's guided eps_hat = eps_u + w (eps_c - eps_u), with grad
+    -> r (n_images, n_steps) fp32, eps_hat (n_images * n_steps, C, h, w) fp32 in image-major row order."""
+    r, eps_u, eps_c = _chunk(unet, traj, cond, uncond, images, steps, cfg, impl, against)
+    return r, guided_eps(eps_u.float(), eps_c.float(), cfg.sampler.guidance_scale)
+
+
+def _chunk(unet, traj, cond, uncond, images, steps, cfg, impl, against):
+    """The chunk's r (n_images, n_steps) and raw CFG outputs (n_images * n_steps, C, h, w)."""
     sched = traj.schedule
-    ni, nk = images.stop - images.start, steps.stop - steps.start
+    ni = images.stop - images.start
+    if isinstance(steps, slice):
+        nk, nxt = steps.stop - steps.start, slice(steps.start + 1, steps.stop + 1)
+    else:
+        nk, nxt = steps.numel(), steps + 1
     rows = lambda t: t.flatten(0, 1)  # noqa: E731  (ni, nk, ...) -> (ni * nk, ...)
     x_t = rows(traj.flat("latents")[images, steps])
-    x_prev = rows(traj.flat("latents")[images, steps.start + 1 : steps.stop + 1])
+    x_prev = rows(traj.flat("latents")[images, nxt])
     eps_ref = rows(traj.flat(against)[images, steps])
     t = sched.timesteps[steps].repeat(ni)
     a, b, sigma = (c[steps].repeat(ni) for c in (sched.a, sched.b, sched.sigma))
@@ -61,7 +78,7 @@ def chunk_log_ratios(unet, traj, cond, uncond, images, steps, cfg, impl, against
     r = cfg_step_log_ratio(
         eps_u, eps_c, cfg.sampler.guidance_scale, eps_ref, x_t, x_prev, a, b, sigma, cfg.loss.reduction, impl
     )
-    return r.reshape(ni, nk)
+    return r.reshape(ni, nk), eps_u, eps_c
 
 
 @torch.no_grad()

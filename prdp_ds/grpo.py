@@ -1,0 +1,135 @@
+"""The GRPO baseline for diffusion (Flow-GRPO, Liu et al. 2025; DanceGRPO, Xue et al. 2025) on PRDP's sampler,
+rewards, engine and logs.
+
+Advantages are standardized within each prompt's group of the current rollout (no history):
+
+    A_i = clip((r_i - mean_g) / (std_g + 1e-4), -adv_clip, adv_clip),   std_g over the group's B, unbiased=False,
+
+Flow-GRPO's convention (flow_grpo/stat_tracking.py: np.std + 1e-4; DanceGRPO's fastvideo/train_grpo_sd.py takes
+torch's Bessel-corrected std + 1e-8). With rho_{i,t} = exp(log pi_theta - log pi_old) (cancellation-free, against
+the recorded eps_old, in grpo.reduction units) and the steps S of this optimizer step (all T, or a subset of
+int(grpo.step_fraction * T) drawn from (train.seed, epoch, k), the same for every image), the loss is
+
+    L = mean_{i, t in S} [ max(-A_i rho_{i,t}, -A_i clip(rho_{i,t}, 1 - eps, 1 + eps)) + beta KL_{i,t} ],
+    KL_{i,t} = ||mu_theta - mu_ref||^2 / (2 sigma_t^2) = ||b_t (eps_hat_theta - eps_hat_ref)||^2 / (2 sigma_t^2),
+
+the closed-form KL of the two Gaussian steps (shared sigma_t), summed (or averaged, grpo.reduction) over latent
+elements, from the guided eps_hat difference: no cancellation, exactly 0 when they agree. Both terms are sums of
+per-(i, t) terms, so each chunk of (images x steps) is backpropagated on its own, exactly, as in prdp_ds.ddpo.
+"""
+
+import math
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from prdp_ds.config import trained_steps
+from prdp_ds.ddpo import ppo_loss
+from prdp_ds.twopass import all_reduce, chunk_log_ratios_eps
+
+STD_EPS = 1e-4  # Flow-GRPO's guard on a constant-reward group (flow_grpo/stat_tracking.py)
+
+
+def group_advantages(rewards, adv_clip):
+    """(G, B) rewards -> (G, B) fp32 advantages, standardized per group, clipped; all NaN if any reward is not
+    finite (grpo_step then skips on every rank). A group is whole on one rank: no communication."""
+    r = rewards.double()
+    if not torch.isfinite(r).all():
+        return torch.full_like(rewards, float("nan"), dtype=torch.float32)
+    adv = (r - r.mean(dim=1, keepdim=True)) / (r.std(dim=1, unbiased=False, keepdim=True) + STD_EPS)
+    return adv.clamp(-adv_clip, adv_clip).float()
+
+
+def step_subset(cfg, epoch, k, device="cpu"):
+    """The sorted (n,) int64 step indices that optimizer step k of `epoch` trains: all T when n = T, else a
+    uniform n-subset drawn from (train.seed, epoch, k) alone (n = config.trained_steps), so a resume redraws it."""
+    T, n = cfg.sampler.num_steps, trained_steps(cfg)
+    if n == T:
+        return torch.arange(T, device=device)
+    seed = int(np.random.SeedSequence([cfg.train.seed, epoch, k]).generate_state(1, np.uint64)[0] >> 1)
+    perm = torch.randperm(T, generator=torch.Generator().manual_seed(seed))
+    return perm[:n].sort().values.to(device)
+
+
+def subset_chunks(cfg, n_images, subset):
+    """(image slice, step index tensor) pairs over `subset`; their count is the DeepSpeed accumulation
+    (engine.batch_arithmetic counts config.trained_steps)."""
+    t = cfg.train
+    return [
+        (slice(i, min(i + t.images_per_chunk, n_images)), subset[k : k + t.steps_per_chunk])
+        for i in range(0, n_images, t.images_per_chunk)
+        for k in range(0, subset.numel(), t.steps_per_chunk)
+    ]
+
+
+def step_kl(eps, eps_ref, b, sigma, reduction):
+    """KL(N(mu, s^2) || N(mu_ref, s^2)) per row = ||b (eps - eps_ref)||^2 / (2 s^2), summed (or averaged) over
+    elements. eps, eps_ref: (rows, ...) fp32; b, sigma: (rows,). Returns (rows,) fp32."""
+    d = (b.reshape(-1, 1) * (eps - eps_ref).flatten(1)) ** 2
+    kl = d.sum(dim=1) / (2 * sigma**2)
+    return kl / d.shape[1] if reduction == "mean" else kl
+
+
+def grpo_terms(log_ratio, adv, kl, clip_range, kl_weight):
+    """Per-(image, step) terms of L: log_ratio (n, k) = log pi_theta - log pi_old in grpo.reduction units,
+    adv (n, 1), kl (n, k) KL_t -> (n, k) PPO's clipped surrogate + kl_weight KL_t."""
+    return ppo_loss(log_ratio, adv, clip_range) + kl_weight * kl
+
+
+def grpo_step(engine, traj, adv, cond, uncond, cfg, impl, steps_subset):
+    """One GRPO optimizer step over this rank's rollout: per chunk of (images x selected steps), recompute
+    log pi_theta - log pi_old and eps_hat_theta with grad and backprop its share of L; then DeepSpeed steps.
+
+    adv: (G, B) fp32 (group_advantages); steps_subset: (n,) int64 (step_subset). Returns a dict of floats like
+    ddpo_step's ('skipped' names what was non-finite: reward, or grad_norm)."""
+    G, B, T = traj.log_ratio_old.shape
+    g = cfg.grpo
+    finite = all_reduce(torch.isfinite(adv).all().float().reshape(1), dist.ReduceOp.MIN).item()
+    if finite != 1.0:
+        return {"loss": float("nan"), "skipped": "reward"}
+    elements = math.prod(traj.latents.shape[3:])
+    to_grpo = 1.0 if g.reduction == cfg.loss.reduction else (1 / elements if g.reduction == "mean" else elements)
+    flat_adv, r_old = adv.reshape(G * B, 1), traj.log_ratio_old.reshape(G * B, T)
+    eps_ref, sched = traj.flat("eps_ref"), traj.schedule
+    n = G * B * steps_subset.numel()
+    # loss, clipped, log-ratio to ref, KL_t, bad, adv sum, adv sum of squares
+    sums = torch.zeros(7, dtype=torch.float64, device=adv.device)
+    for images, steps in subset_chunks(cfg, G * B, steps_subset):
+        r, eps = chunk_log_ratios_eps(engine, traj, cond, uncond, images, steps, cfg, impl, against="eps_old")
+        ni = r.shape[0]
+        b, sigma = sched.b[steps].repeat(ni), sched.sigma[steps].repeat(ni)
+        kl = step_kl(eps, eps_ref[images][:, steps].flatten(0, 1), b, sigma, g.reduction).reshape(r.shape)
+        loss = grpo_terms(r * to_grpo, flat_adv[images], kl, g.clip_range, g.kl_weight).sum() / n
+        engine.backward(loss, scale_wrt_gas=False)
+        engine.step()  # as in ddpo_step: one optimizer step, at the last chunk
+        r = r.detach()
+        sums[:5] += torch.stack(
+            [
+                loss.detach().double(),
+                ((torch.exp(r * to_grpo) - 1).abs() > g.clip_range).sum().double(),
+                (r + r_old[images][:, steps]).sum().double(),
+                kl.detach().sum().double(),
+                (~torch.isfinite(r)).any().double(),
+            ]
+        )
+    sums[5:] = torch.stack([adv.double().sum(), (adv.double() ** 2).sum()])
+    sums = all_reduce(sums)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    adv_mean = sums[5].item() / (G * B * world)
+    grad_norm = engine.get_global_grad_norm()
+    grad_norm = float("nan") if grad_norm is None else float(grad_norm)
+    out = {
+        "loss": sums[0].item() / world,
+        "clip_frac": sums[1].item() / (n * world),
+        "kl": sums[2].item() / (n * world),
+        "kl_penalty": sums[3].item() / (n * world),
+        "adv_mean": adv_mean,
+        "adv_std": math.sqrt(max(sums[6].item() / (G * B * world) - adv_mean**2, 0.0)),
+        "steps_trained": float(steps_subset.numel()),
+        "grad_norm": grad_norm,
+        "lr": engine.get_lr()[0],
+    }
+    if sums[4].item() > 0 or not math.isfinite(grad_norm):
+        out["skipped"] = "grad_norm"
+    return out
