@@ -467,9 +467,11 @@ def main(argv=None):
 
     def train(rank, world, device):
         claim = rundir.agree(lambda: rundir.claim(args.output_dir, cfg, args.resume, args.restart), rank)
+        sigterm = signal.getsignal(signal.SIGTERM)  # Trainer.run installs Preemption's handler
         try:
             Trainer(cfg, ds_json, args.output_dir, rank, world, device, claim).run()
         finally:
+            signal.signal(signal.SIGTERM, sigterm)  # a caller that runs main in-process gets its own back
             claim.release()
 
     run_on_ranks("prdp_ds.train", train)

@@ -142,7 +142,9 @@ def test_a_changed_learning_rate_takes_effect_and_is_recorded_from_its_epoch(tmp
     shutil.copytree(straight[0], out)
     config_before = (out / "config.yaml").read_text()
     (out / "checkpoints" / "latest").write_text("epoch_0000")  # resume after epoch 0
+    sigterm = signal.getsignal(signal.SIGTERM)
     train.main([*TINY, "--output-dir", str(out), "--resume", "--set", "train.lr=1e-4"])
+    assert signal.getsignal(signal.SIGTERM) is sigterm  # the run's SIGTERM handler does not outlive it
     assert "train.lr: 0.0003 -> 0.0001" in capsys.readouterr().out
     assert [row["lr"] for row in metrics(out)] == [3e-4, 1e-4, 1e-4]
     assert (out / "config.yaml").read_text() == config_before  # it governed epoch 0, and still says so
