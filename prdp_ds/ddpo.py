@@ -98,6 +98,18 @@ def ppo_loss(log_ratio, adv, clip_range):
     return torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - clip_range, 1 + clip_range))
 
 
+def finite_everywhere(adv):
+    """Whether every rank's advantages are finite (collective): a step skipped anywhere is skipped everywhere."""
+    return all_reduce(torch.isfinite(adv).all().float().reshape(1), dist.ReduceOp.MIN).item() == 1.0
+
+
+def unit_factor(traj, reduction, cfg):
+    """The factor taking a log-ratio in cfg.loss.reduction units to `reduction` units ('sum' or 'mean' over the
+    latent elements of one step)."""
+    elements = math.prod(traj.latents.shape[3:])
+    return 1.0 if reduction == cfg.loss.reduction else (1 / elements if reduction == "mean" else elements)
+
+
 def ddpo_step(engine, traj, adv, cond, uncond, cfg, impl):
     """One DDPO optimizer step over this rank's whole rollout: per chunk, recompute log pi_theta -
     log pi_old with grad and backprop its share of the loss; then DeepSpeed steps.
@@ -106,11 +118,9 @@ def ddpo_step(engine, traj, adv, cond, uncond, cfg, impl):
     non-finite: reward, or grad_norm)."""
     G, B, T = traj.log_ratio_old.shape
     d = cfg.ddpo
-    finite = all_reduce(torch.isfinite(adv).all().float().reshape(1), dist.ReduceOp.MIN).item()
-    if finite != 1.0:
+    if not finite_everywhere(adv):
         return {"loss": float("nan"), "skipped": "reward"}
-    elements = math.prod(traj.latents.shape[3:])
-    to_ddpo = 1.0 if d.reduction == cfg.loss.reduction else (1 / elements if d.reduction == "mean" else elements)
+    to_ddpo = unit_factor(traj, d.reduction, cfg)
     flat_adv, r_old = adv.reshape(G * B, 1), traj.log_ratio_old.reshape(G * B, T)
     n = G * B * T
     sums = torch.zeros(4, dtype=torch.float64, device=adv.device)  # loss, clipped, log-ratio to ref, bad

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from prdp_ds.config import trained_steps
-from prdp_ds.ddpo import ppo_loss
+from prdp_ds.ddpo import finite_everywhere, ppo_loss, unit_factor
 from prdp_ds.twopass import all_reduce, chunk_log_ratios_eps
 
 STD_EPS = 1e-4  # Flow-GRPO's guard on a constant-reward group (flow_grpo/stat_tracking.py)
@@ -85,11 +85,9 @@ def grpo_step(engine, traj, adv, cond, uncond, cfg, impl, steps_subset):
     ddpo_step's ('skipped' names what was non-finite: reward, or grad_norm)."""
     G, B, T = traj.log_ratio_old.shape
     g = cfg.grpo
-    finite = all_reduce(torch.isfinite(adv).all().float().reshape(1), dist.ReduceOp.MIN).item()
-    if finite != 1.0:
+    if not finite_everywhere(adv):
         return {"loss": float("nan"), "skipped": "reward"}
-    elements = math.prod(traj.latents.shape[3:])
-    to_grpo = 1.0 if g.reduction == cfg.loss.reduction else (1 / elements if g.reduction == "mean" else elements)
+    to_grpo = unit_factor(traj, g.reduction, cfg)
     flat_adv, r_old = adv.reshape(G * B, 1), traj.log_ratio_old.reshape(G * B, T)
     eps_ref, sched = traj.flat("eps_ref"), traj.schedule
     n = G * B * steps_subset.numel()
