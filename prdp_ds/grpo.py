@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from prdp_ds.config import trained_steps
 from prdp_ds.ddpo import finite_everywhere, ppo_loss, unit_factor
-from prdp_ds.twopass import all_reduce, chunk_log_ratios_eps
+from prdp_ds.twopass import all_reduce, chunk_log_ratios_eps, chunks
 
 STD_EPS = 1e-4  # Flow-GRPO's guard on a constant-reward group (flow_grpo/stat_tracking.py)
 
@@ -50,17 +50,6 @@ def step_subset(cfg, epoch, k, device="cpu"):
     seed = int(np.random.SeedSequence([cfg.train.seed, epoch, k]).generate_state(1, np.uint64)[0] >> 1)
     perm = torch.randperm(T, generator=torch.Generator().manual_seed(seed))
     return perm[:n].sort().values.to(device)
-
-
-def subset_chunks(cfg, n_images, subset):
-    """(image slice, step index tensor) pairs over `subset`; their count is the DeepSpeed accumulation
-    (engine.batch_arithmetic counts config.trained_steps)."""
-    t = cfg.train
-    return [
-        (slice(i, min(i + t.images_per_chunk, n_images)), subset[k : k + t.steps_per_chunk])
-        for i in range(0, n_images, t.images_per_chunk)
-        for k in range(0, subset.numel(), t.steps_per_chunk)
-    ]
 
 
 def step_kl(eps, eps_ref, b, sigma, reduction):
@@ -93,7 +82,7 @@ def grpo_step(engine, traj, adv, cond, uncond, cfg, impl, steps_subset):
     n = G * B * steps_subset.numel()
     # loss, clipped, log-ratio to ref, KL_t, bad, adv sum, adv sum of squares
     sums = torch.zeros(7, dtype=torch.float64, device=adv.device)
-    for images, steps in subset_chunks(cfg, G * B, steps_subset):
+    for images, steps in chunks(cfg, G * B, steps_subset):  # count: config.trained_steps
         r, eps = chunk_log_ratios_eps(engine, traj, cond, uncond, images, steps, cfg, impl, against="eps_old")
         ni = r.shape[0]
         b, sigma = sched.b[steps].repeat(ni), sched.sigma[steps].repeat(ni)

@@ -32,14 +32,20 @@ if TYPE_CHECKING:
     from prdp_ds.sampler import Trajectories
 
 
-def chunks(cfg, n_images):
-    """(image slice, step slice) pairs in pass order; their count is the DeepSpeed accumulation."""
+def chunks(cfg, n_images, subset=None):
+    """(image slice, step slice) pairs in pass order; their count is the DeepSpeed accumulation. subset: an (n,)
+    int64 tensor of the steps to cover (prdp_ds.grpo's step subsets) -> (image slice, step index tensor) pairs."""
     t = cfg.train
-    T = cfg.sampler.num_steps
+    n_steps = cfg.sampler.num_steps if subset is None else subset.numel()
+    step = (
+        (lambda k: slice(k, min(k + t.steps_per_chunk, n_steps)))
+        if subset is None
+        else (lambda k: subset[k : k + t.steps_per_chunk])
+    )
     return [
-        (slice(i, min(i + t.images_per_chunk, n_images)), slice(k, min(k + t.steps_per_chunk, T)))
+        (slice(i, min(i + t.images_per_chunk, n_images)), step(k))
         for i in range(0, n_images, t.images_per_chunk)
-        for k in range(0, T, t.steps_per_chunk)
+        for k in range(0, n_steps, t.steps_per_chunk)
     ]
 
 

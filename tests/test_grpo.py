@@ -10,8 +10,8 @@ import torch
 from helpers import SMALL, TIMING, B, G, W, _cfg, _engine, _rel, metrics, run
 from safetensors.torch import load_file
 
-from prdp_ds.grpo import group_advantages, grpo_step, grpo_terms, step_kl, step_subset, subset_chunks
-from prdp_ds.twopass import chunk_log_ratios_eps
+from prdp_ds.grpo import group_advantages, grpo_step, grpo_terms, step_kl, step_subset
+from prdp_ds.twopass import chunk_log_ratios_eps, chunks
 
 
 def _grpo_cfg(steps_per_chunk, images_per_chunk, kl_weight=0.0, step_fraction=1.0):
@@ -130,7 +130,7 @@ def test_kl_penalty_and_its_gradient_are_exactly_zero_at_the_reference(rollout):
     subset = step_subset(cfg, 0, 0)
     eps_ref = traj.flat("eps_ref").clone()
     with torch.no_grad():
-        for images, steps in subset_chunks(cfg, G * B, subset):
+        for images, steps in chunks(cfg, G * B, subset):
             _, eps = chunk_log_ratios_eps(engine, traj, cond, uncond, images, steps, cfg, "torch")
             eps_ref[images, steps] = eps.reshape(images.stop - images.start, steps.numel(), *eps.shape[1:])
     at_ref = dataclasses.replace(traj, eps_ref=eps_ref.reshape(traj.eps_ref.shape))
