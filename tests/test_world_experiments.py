@@ -1,6 +1,7 @@
 """The paper-in-miniature experiments (prdp_ds/world/experiments.py): every experiment's machinery,
 shortened (--quick), and the aggregation over seeds. The science is in results/world/, not here."""
 
+import dataclasses
 import json
 import math
 import shutil
@@ -62,7 +63,40 @@ def test_quick_experiment_writes_finite_results(name, tmp_path, world):
             == results["prdp"]["world_demo"]["world_alignment"]["per_seed"][0]
         )
         walls = json.loads((out / "results.json").read_text())["meta"]["seed_wall_s"]
-        assert set(walls) == {"0", "1"} and all(w["wall_s"] > 0 and w["machine"] for w in walls.values())
+        assert set(walls) == {"0", "1"} and all(w["wall_s"] > 0 and w["machine"] for ws in walls.values() for w in ws)
+
+
+def test_adding_an_arm_trains_and_evaluates_only_that_arm(tmp_path, world, monkeypatch):
+    """An arm added to a finished experiment: its run and an evaluation of it (with the base, same noise) join the
+    seed's eval.json; the old arm is neither retrained nor re-evaluated, the base row is kept."""
+    e1 = ex.EXPERIMENTS["E1"]
+    out = tmp_path / "E1"
+    monkeypatch.setitem(ex.EXPERIMENTS, "E1", dataclasses.replace(e1, arms={"prdp": e1.arms["prdp"]}))
+    first = ex.run("E1", [0], out, quick=True)
+    stamp = (out / "runs" / "prdp" / "seed_0" / "metrics.jsonl").stat().st_mtime_ns
+    stored = json.loads((out / "eval" / "seed_0" / "eval.json").read_text())
+    monkeypatch.setitem(ex.EXPERIMENTS, "E1", dataclasses.replace(e1, arms={a: e1.arms[a] for a in ("prdp", "ddpo")}))
+    both = ex.run("E1", [0], out, quick=True)
+    assert list(both) == ["base", "prdp", "ddpo"]
+    assert (out / "runs" / "prdp" / "seed_0" / "metrics.jsonl").stat().st_mtime_ns == stamp
+    assert json.dumps([both["prdp"], both["base"]]) == json.dumps([first["prdp"], first["base"]])  # NaN SE: one seed
+    added = json.loads((out / "eval" / "seed_0" / "added_ddpo" / "eval.json").read_text())
+    merged = json.loads((out / "eval" / "seed_0" / "eval.json").read_text())
+    assert (
+        merged["vs_base"]["ddpo"] == added["vs_base"]["ddpo"] and merged["results"]["prdp"] == stored["results"]["prdp"]
+    )
+    assert set(merged["settings"]["models"]) == {"prdp", "ddpo"}
+    assert added["results"]["base"] == stored["results"]["base"]  # same noise, same base: the pairing holds
+    walls = json.loads((out / "eval" / "seed_0" / "wall.json").read_text())
+    assert [w["arms"] for w in walls] == [["prdp"], ["ddpo"]]
+    assert "ddpo" in (out / "results.md").read_text()
+
+
+def test_an_arm_is_not_added_to_an_evaluation_with_other_settings():
+    stored = {"settings": {"samples": 64, "seed": 0, "models": {"prdp": {}}}, "results": {}, "vs_base": {}}
+    added = {"settings": {"samples": 8, "seed": 0, "models": {"ddpo": {}}}, "results": {}, "vs_base": {}}
+    with pytest.raises(ValueError, match="cannot add arms \\['ddpo'\\].*other settings: samples"):
+        ex.merge_evals(stored, added, ["ddpo"])
 
 
 def _eval(base, prdp):

@@ -15,7 +15,9 @@ and results.md (model x prompt set x score: mean and SE over seeds, paired diffe
 curves.png, grid_SET.png and (E1) sample_efficiency.png; their layout: docs/world.md. A rerun continues where
 it stopped: a seed whose eval/seed_S/eval.json exists is reused as it is (its runs' metrics.jsonl are all the figures
 need; delete eval/seed_S to redo it), finished runs are kept, an unfinished one resumes from its latest checkpoint
-and the evaluation from its finished units. So adding a seed to a finished experiment trains only that seed.
+and the evaluation from its finished units. So adding a seed to a finished experiment trains only that seed, and
+adding an arm trains and evaluates only that arm: for a seed evaluated without it, the new arms and the base sample
+the seed's noise again (eval/seed_S/added_ARM/) and their rows join eval.json, each paired with its own base run.
 --quick shrinks every run to a few images and steps: it checks the machinery (CI), not the science.
 
 Runs in one process on the CPU (the world is small); it holds one process group for all its runs.
@@ -71,9 +73,10 @@ class Experiment:
 
 EXPERIMENTS = {
     "E1": Experiment(
-        "small scale: PRDP vs DDPO vs base on the demo's 4 world_demo prompts, alignment reward (paper Table 1)",
+        "small scale: PRDP vs DDPO (and GRPO, a later baseline) vs base on the demo's 4 world_demo prompts, alignment "
+        "reward (paper Table 1)",
         "PRDP reaches a higher reward than DDPO on the training prompts, and both beat the base model.",
-        {"prdp": ("demo", []), "ddpo": ("demo", DDPO)},
+        {"prdp": ("demo", []), "ddpo": ("demo", DDPO), "grpo": ("demo", ["algo.name=grpo"])},
         ("world_demo",),
         samples=64,
         sample_efficiency=True,
@@ -104,11 +107,12 @@ EXPERIMENTS = {
         ("world_small",),
     ),
     "E4": Experiment(
-        "online vs offline, same reward queries and gradient steps (paper Fig. 7)",
+        "online vs offline at the demo's settings, same reward queries and gradient steps (paper Fig. 7)",
         "Online training reaches a clearly higher reward than offline training on trajectories sampled "
         "once from the base model.",
-        {"online": ("world", []), "offline": ("world", ["algo.online=false"])},
-        ("world_small",),
+        {"online": ("demo", []), "offline": ("demo", ["algo.online=false"])},
+        ("world_demo",),
+        samples=64,
     ),
     "E5": Experiment(
         "the proximal clip at the demo's settings: PRDP with and without it on world_demo (paper Table 5)",
@@ -140,14 +144,14 @@ def train_arm(run_dir, preset, overrides):
     train_main([*argv, "--resume", "latest"])  # a run that never checkpointed starts again from scratch
 
 
-def evaluate_seed(exp, out, seed, quick):
+def evaluate_seed(exp, out, seed, quick, arms, ev_dir):
+    """Evaluate the base and `arms` on the seed's noise into ev_dir; returns its eval.json."""
     from prdp_ds.evaluate import main as evaluate_main
 
-    first = next(iter(exp.arms))
     samples = 1 if quick else exp.samples
     argv = [
         "--train-config",
-        str(out / "runs" / first / f"seed_{seed}" / "config.yaml"),
+        str(out / "runs" / arms[0] / f"seed_{seed}" / "config.yaml"),
         "--seed",
         str(seed),
         "--reward",
@@ -155,12 +159,30 @@ def evaluate_seed(exp, out, seed, quick):
         "--samples",
         str(samples),
         "--output-dir",
-        str(out / "eval" / f"seed_{seed}"),
+        str(ev_dir),
     ]
-    argv += [a for arm in exp.arms for a in ("--model", f"{arm}={out / 'runs' / arm / f'seed_{seed}'}")]
+    argv += [a for arm in arms for a in ("--model", f"{arm}={out / 'runs' / arm / f'seed_{seed}'}")]
     argv += [a for s in exp.prompt_sets for a in ("--prompts", s)]
     evaluate_main(argv + (QUICK_EVAL if quick else []))
-    return json.loads((out / "eval" / f"seed_{seed}" / "eval.json").read_text())
+    return json.loads((ev_dir / "eval.json").read_text())
+
+
+def merge_evals(stored, added, arms):
+    """Join an evaluation of new arms to a seed's stored one (same settings but the models, same noise).
+
+    The stored base row stays; each added arm keeps its paired difference to the base run it was evaluated
+    with, which sampled the same noise (equal to the stored base up to the CPU's summation order)."""
+    a, b = dict(stored["settings"]), dict(added["settings"])
+    models = {**a.pop("models"), **b.pop("models")}
+    if a != b:
+        changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+        raise ValueError(f"cannot add arms {arms} to an evaluation made with other settings: {', '.join(changed)}")
+    merged = json.loads(json.dumps(stored))
+    merged["settings"]["models"] = models
+    for arm in arms:
+        merged["results"][arm] = added["results"][arm]
+        merged["vs_base"][arm] = added["vs_base"][arm]
+    return merged
 
 
 def _mean_se(values):
@@ -236,9 +258,22 @@ def machine():
     )
 
 
-def _wall(w):
-    """A seed's wall-time record ({'wall_s', 'machine', 'date'}, eval/seed_S/wall.json) or None."""
-    return "not recorded" if w is None else f"{w['wall_s']} s ({w['date']}, {w['machine']})"
+def _walls(path):
+    """A seed's wall-time records (eval/seed_S/wall.json): one per invocation that trained and evaluated arms of it,
+    {'arms', 'wall_s', 'machine', 'date'} (a single record without 'arms': written before arms could be added)."""
+    if not path.is_file():
+        return []
+    walls = json.loads(path.read_text())
+    return walls if isinstance(walls, list) else [walls]
+
+
+def _wall(walls):
+    if not walls:
+        return "not recorded"
+    return ", ".join(
+        (f"{'+'.join(w['arms'])}: " if "arms" in w else "") + f"{w['wall_s']} s ({w['date']}, {w['machine']})"
+        for w in walls
+    )
 
 
 def run(name, seeds, out, quick=False):
@@ -250,19 +285,30 @@ def run(name, seeds, out, quick=False):
     init_distributed()  # one group for every run of this process (DeepSpeed caches its groups)
     evals, seed_wall = [], {}
     for seed in seeds:
-        done, wall = out / "eval" / f"seed_{seed}" / "eval.json", out / "eval" / f"seed_{seed}" / "wall.json"
-        if done.is_file():  # evaluated by an earlier invocation: reused, with the wall time measured then
-            evals.append(json.loads(done.read_text()))
-            seed_wall[seed] = json.loads(wall.read_text()) if wall.is_file() else None
+        ev_dir = out / "eval" / f"seed_{seed}"
+        done, wall = ev_dir / "eval.json", ev_dir / "wall.json"
+        stored = json.loads(done.read_text()) if done.is_file() else None
+        walls = _walls(wall)
+        arms = [a for a in exp.arms if stored is None or a not in stored["results"]]
+        if arms:
+            start = time.time()
+            for arm in arms:
+                preset, overrides = arm_overrides(exp, arm, seed, quick)
+                train_arm(out / "runs" / arm / f"seed_{seed}", preset, overrides)
+            if stored is None:
+                stored = evaluate_seed(exp, out, seed, quick, arms, ev_dir)
+            else:
+                added = evaluate_seed(exp, out, seed, quick, arms, ev_dir / f"added_{'_'.join(arms)}")
+                stored = merge_evals(stored, added, arms)
+                done.write_text(json.dumps(stored, indent=1))
+            walls.append({"arms": arms, "wall_s": round(time.time() - start, 1), "machine": machine(), "date": now()})
+            wall.write_text(json.dumps(walls))
+        else:  # evaluated by earlier invocations: reused, with the wall times measured then
             print(f"{name} seed {seed}: reusing {done}", flush=True)
-            continue
-        start = time.time()
-        for arm in exp.arms:
-            preset, overrides = arm_overrides(exp, arm, seed, quick)
-            train_arm(out / "runs" / arm / f"seed_{seed}", preset, overrides)
-        evals.append(evaluate_seed(exp, out, seed, quick))
-        seed_wall[seed] = {"wall_s": round(time.time() - start, 1), "machine": machine(), "date": now()}
-        wall.write_text(json.dumps(seed_wall[seed]))
+        models = ["base", *exp.arms]  # the experiment's rows in its order, whatever else the file holds
+        rows = {k: {m: stored[k][m] for m in models if m in stored[k]} for k in ("results", "vs_base")}
+        evals.append({**stored, **rows})
+        seed_wall[seed] = walls
     results = aggregate(evals)
     meta = {
         "experiment": name,
