@@ -89,7 +89,7 @@ def test_adding_an_arm_trains_and_evaluates_only_that_arm(tmp_path, world, monke
     assert added["results"]["base"] == stored["results"]["base"]  # same noise, same base: the pairing holds
     walls = json.loads((out / "eval" / "seed_0" / "wall.json").read_text())
     assert [w["arms"] for w in walls] == [["prdp"], ["ddpo"]]
-    assert "ddpo" in (out / "results.md").read_text()
+    assert "ddpo" in (out / "results.md").read_text() and (out / "grid_world_demo_added_ddpo.png").is_file()
 
 
 def test_an_arm_is_not_added_to_an_evaluation_with_other_settings():

@@ -336,8 +336,11 @@ def run(name, seeds, out, quick=False):
             ["reward_mean", "reward/world_judge"],
             x="queries",
         )
-    for grid in (out / "eval" / f"seed_{seeds[0]}" / "grids").glob("*.png"):
+    first = out / "eval" / f"seed_{seeds[0]}"
+    for grid in first.glob("grids/*.png"):
         shutil.copyfile(grid, out / f"grid_{grid.name}")
+    for grid in first.glob("added_*/grids/*.png"):  # an added arm's evaluation: grid_SET_added_ARM.png
+        shutil.copyfile(grid, out / f"grid_{grid.stem}_{grid.parent.parent.name}.png")
     print((out / "results.md").read_text(), flush=True)
     return results
 
