@@ -7,7 +7,8 @@ config.yaml, trainer_state.json (written last) and, only in a mid-epoch (SIGTERM
 rollout_rankR.safetensors (that rank's trajectories and rewards). Everything is written under NAME.tmp and
 renamed when complete; checkpoints/latest names the newest complete one; *.tmp directories (a killed save)
 are ignored on resume. A mid-epoch checkpoint also holds epoch_rankR.json: that rank's statistics of the epoch's
-steps so far, so the resumed epoch logs one complete metrics row.
+steps so far, so the resumed epoch logs one complete metrics row. A DPOK run's checkpoints hold aux_state.pt: its
+value function and that network's optimizer.
 
 A write that fails (disk full, quota, an unwritable folder) raises CheckpointError on every rank, naming the
 checkpoint and the cause, after removing the partial NAME.tmp: the previous checkpoint and `latest` are untouched.
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
 
 
 _NAME = re.compile(r"epoch_(\d+)(?:_step(\d+))?")  # checkpoint_name's output
+AUX_STATE = "aux_state.pt"  # save_checkpoint's aux_state (DPOK's value function), loaded by load_aux_state
 
 
 class CheckpointError(Exception):
@@ -113,10 +115,12 @@ def save_checkpoint(
     rank: int,
     rollout: Rollout | None = None,
     epoch_so_far: dict[str, Any] | None = None,
+    aux_state: dict[str, Any] | None = None,
 ) -> Path:
     """Collective: every rank calls it. state: JSON-able dict with 'epoch' and 'step_in_epoch'.
     rollout: (Trajectories, rewards (G, B), reward components) of this rank for a mid-epoch checkpoint;
-    epoch_so_far: this rank's JSON-able statistics of the epoch's steps so far (mid-epoch).
+    epoch_so_far: this rank's JSON-able statistics of the epoch's steps so far (mid-epoch); aux_state: state
+    dicts the same on every rank (DPOK's value function and optimizer), written by rank 0 (load_aux_state).
     Returns the checkpoint folder; CheckpointError on every rank if any rank's write failed."""
     import deepspeed
 
@@ -135,6 +139,8 @@ def save_checkpoint(
             save_rollout(tmp / f"rollout_rank{rank}.safetensors", *rollout)
         if epoch_so_far is not None:
             (tmp / f"epoch_rank{rank}.json").write_text(json.dumps(epoch_so_far))
+        if aux_state is not None and rank == 0:
+            torch.save(aux_state, tmp / AUX_STATE)
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
             if rank == 0:
                 save_unet(engine.module, tmp, cfg.output.save_merged_unet)
@@ -210,16 +216,30 @@ class WeightsOnlyLoads:
         return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
     def load(self, path, map_location=None):
-        try:
-            with torch.serialization.safe_globals(self.allowed()):
-                return torch.load(path, map_location=map_location, weights_only=True)
-        except pickle.UnpicklingError as err:
-            lines = [line for line in str(err).splitlines() if line.strip()]  # torch's 2nd paragraph names the type
-            reason = lines[1] if len(lines) > 1 else (lines or ["?"])[0]
-            raise UnsafeCheckpointError(
-                f"{path}: refused: it holds more than tensors and DeepSpeed's allowlisted types, and loading it "
-                f"could run code from it ({reason}). Resume only from checkpoints this trainer wrote"
-            ) from None
+        return _load_weights_only(path, map_location, self.allowed())
+
+
+def _load_weights_only(path, map_location, allowed=()):
+    """torch.load(weights_only=True) with `allowed` types allowlisted, or UnsafeCheckpointError naming the file."""
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        lines = [line for line in str(err).splitlines() if line.strip()]  # torch's 2nd paragraph names the type
+        reason = lines[1] if len(lines) > 1 else (lines or ["?"])[0]
+        raise UnsafeCheckpointError(
+            f"{path}: refused: it holds more than tensors and DeepSpeed's allowlisted types, and loading it "
+            f"could run code from it ({reason}). Resume only from checkpoints this trainer wrote"
+        ) from None
+
+
+def load_aux_state(path: str | os.PathLike, device: torch.device | str) -> dict[str, Any]:
+    """The trainer's state beside the engine that save_checkpoint's aux_state wrote (DPOK's value function and its
+    optimizer), loaded as weights only."""
+    f = Path(path) / AUX_STATE
+    if not f.is_file():
+        raise CheckpointError(f"{f}: missing; the run's algorithm keeps state there (checkpoint written by another?)")
+    return _load_weights_only(f, device)
 
 
 def _read_json(path):

@@ -81,7 +81,9 @@ class PromptsConfig:
 
 @dataclass
 class AlgoConfig:
-    name: str = "prdp"  # 'prdp' (this paper), 'ddpo' (the baseline, docs/design.md §9) or 'grpo' (Flow-GRPO/DanceGRPO)
+    # 'prdp' (this paper), 'ddpo' (its baseline, docs/design.md §9), 'dpok' (its other named baseline) or 'grpo'
+    # (Flow-GRPO/DanceGRPO)
+    name: str = "prdp"
     online: bool = True  # False: offline mode (paper 4.3), train on trajectories sampled once from the reference
     offline_dir: str = ""  # offline dataset folder ('' means OUTPUT_DIR/offline); reused and completed if present
 
@@ -114,6 +116,19 @@ class GRPOConfig:
 
 
 @dataclass
+class DPOKConfig:
+    # Defaults: google-research dpok/train_online_pg.py's flags, named after each field.
+    reward_weight: float = 100.0  # alpha, the reward's weight in the loss (--reward_weight)
+    kl_weight: float = 0.01  # beta, the weight of the per-step KL to the reference (--kl_weight)
+    clip_range: float = 1e-4  # the importance ratio is clipped to [1 - clip_range, 1 + clip_range] (--ratio_clip)
+    reduction: str = "mean"  # units of the ratio's log-prob and of KL_t: 'mean' over latent elements or 'sum'
+    value_lr: float = 1e-4  # the value function's AdamW learning rate (--v_lr)
+    value_steps: int = 5  # minibatch losses averaged into the value function's one step per epoch (--v_step)
+    value_batch_size: int = 256  # transitions (x_t, t) per value minibatch, of the world's (--v_batch_size: per GPU)
+    value_width: int = 256  # width of the value network's three hidden layers (DPOK's ValueMulti)
+
+
+@dataclass
 class OutputConfig:
     save_every: int = 10  # epochs between checkpoints (the last epoch is always saved)
     sample_every: int = 5  # epochs between sample grids (samples/epoch_XXXX.png)
@@ -133,6 +148,7 @@ class Config:
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     ddpo: DDPOConfig = field(default_factory=DDPOConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    dpok: DPOKConfig = field(default_factory=DPOKConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     reward: dict[str, typing.Any] = field(
         default_factory=lambda: {"brightness": 1.0}
@@ -146,10 +162,11 @@ class ConfigError(ValueError):
 CHOICES = {
     "loss.reduction": ("sum", "mean"),
     "loss.impl": ("auto", "torch", "triton"),
-    "algo.name": ("prdp", "ddpo", "grpo"),
+    "algo.name": ("prdp", "ddpo", "grpo", "dpok"),
     "prompts.over_length": ("truncate", "drop"),
     "ddpo.reduction": ("sum", "mean"),
     "grpo.reduction": ("sum", "mean"),
+    "dpok.reduction": ("sum", "mean"),
     "sampler.spacing": ("uniform", "quadratic", "logsnr"),
 }
 AUTO_OR_INT = ("train.images_per_chunk", "train.steps_per_chunk")  # a positive int or 'auto'
@@ -209,6 +226,13 @@ RANGES = {
     "grpo.adv_clip": _POSITIVE,
     "grpo.kl_weight": _NON_NEGATIVE,
     "grpo.step_fraction": (lambda v: 0 < v <= 1, "a float in (0, 1]"),
+    "dpok.reward_weight": _POSITIVE,
+    "dpok.kl_weight": _NON_NEGATIVE,
+    "dpok.clip_range": _POSITIVE,
+    "dpok.value_lr": _POSITIVE,
+    "dpok.value_steps": _at_least(1),
+    "dpok.value_batch_size": _at_least(1),
+    "dpok.value_width": _at_least(1),
     "output.save_every": _at_least(0),
     "output.sample_every": _at_least(0),
     "output.eval_images": _at_least(1),
@@ -252,10 +276,10 @@ def _relation_errors(cfg):
             f"train.images_per_prompt: expected at least 2 with algo.name {cfg.algo.name!r} ({why} "
             "a prompt's images), got 1"
         )
-    if cfg.algo.name == "grpo" and not cfg.algo.online:
+    if cfg.algo.name in ("grpo", "dpok") and not cfg.algo.online:
         errors.append(
-            "algo.online: expected true with algo.name 'grpo' (its PPO ratio is to the sampling policy: on fixed "
-            "reference rollouts the clip would zero its gradient once the policy moves), got False"
+            f"algo.online: expected true with algo.name {cfg.algo.name!r} (its ratio is to the sampling policy: on "
+            "fixed reference rollouts the clip would zero its gradient once the policy moves), got False"
         )
     if d.buffer_size >= 1 and d.min_count > d.buffer_size:
         errors.append(f"ddpo.min_count: expected at most ddpo.buffer_size = {d.buffer_size}, got {d.min_count}")

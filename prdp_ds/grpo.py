@@ -67,17 +67,31 @@ def grpo_terms(log_ratio, adv, kl, clip_range, kl_weight):
 
 
 def grpo_step(engine, traj, adv, cond, uncond, cfg, impl, steps_subset):
-    """One GRPO optimizer step over this rank's rollout: per chunk of (images x selected steps), recompute
-    log pi_theta - log pi_old and eps_hat_theta with grad and backprop its share of L; then DeepSpeed steps.
+    """One GRPO optimizer step over this rank's rollout (surrogate_step with grpo_terms).
 
     adv: (G, B) fp32 (group_advantages); steps_subset: (n,) int64 (step_subset). Returns a dict of floats like
     ddpo_step's ('skipped' names what was non-finite: reward, or grad_norm)."""
-    G, B, T = traj.log_ratio_old.shape
     g = cfg.grpo
+
+    def terms(log_ratio, a, kl):
+        return grpo_terms(log_ratio, a, kl, g.clip_range, g.kl_weight)
+
+    return surrogate_step(engine, traj, adv, cond, uncond, cfg, impl, steps_subset, terms, g.clip_range, g.reduction)
+
+
+def surrogate_step(engine, traj, adv, cond, uncond, cfg, impl, steps_subset, terms, clip_range, reduction):
+    """One optimizer step of a per-step ratio objective (GRPO's, DPOK's) over this rank's rollout: per chunk of
+    (images x selected steps), recompute log pi_theta - log pi_old and eps_hat_theta with grad, and backprop
+    sum terms(log_ratio, adv, KL_t) / (G B |S|); then DeepSpeed steps.
+
+    adv: (G, B) per image or (G, B, T) per (image, step) fp32; terms: (log_ratio (n, k) in `reduction` units,
+    adv (n, 1) or (n, k), KL_t (n, k)) -> (n, k). clip_range: the ratio's clip, for the logged clipped share."""
+    G, B, T = traj.log_ratio_old.shape
     if not finite_everywhere(adv):
         return {"loss": float("nan"), "skipped": "reward"}
-    to_grpo = unit_factor(traj, g.reduction, cfg)
-    flat_adv, r_old = adv.reshape(G * B, 1), traj.log_ratio_old.reshape(G * B, T)
+    to_units = unit_factor(traj, reduction, cfg)
+    per_step = adv.dim() == 3
+    flat_adv, r_old = adv.reshape(G * B, T if per_step else 1), traj.log_ratio_old.reshape(G * B, T)
     eps_ref, sched = traj.flat("eps_ref"), traj.schedule
     n = G * B * steps_subset.numel()
     # loss, clipped, log-ratio to ref, KL_t, bad, adv sum, adv sum of squares
@@ -86,15 +100,16 @@ def grpo_step(engine, traj, adv, cond, uncond, cfg, impl, steps_subset):
         r, eps = chunk_log_ratios_eps(engine, traj, cond, uncond, images, steps, cfg, impl, against="eps_old")
         ni = r.shape[0]
         b, sigma = sched.b[steps].repeat(ni), sched.sigma[steps].repeat(ni)
-        kl = step_kl(eps, eps_ref[images][:, steps].flatten(0, 1), b, sigma, g.reduction).reshape(r.shape)
-        loss = grpo_terms(r * to_grpo, flat_adv[images], kl, g.clip_range, g.kl_weight).sum() / n
+        kl = step_kl(eps, eps_ref[images][:, steps].flatten(0, 1), b, sigma, reduction).reshape(r.shape)
+        a = flat_adv[images][:, steps] if per_step else flat_adv[images]
+        loss = terms(r * to_units, a, kl).sum() / n
         engine.backward(loss, scale_wrt_gas=False)
         engine.step()  # as in ddpo_step: one optimizer step, at the last chunk
         r = r.detach()
         sums[:5] += torch.stack(
             [
                 loss.detach().double(),
-                ((torch.exp(r * to_grpo) - 1).abs() > g.clip_range).sum().double(),
+                ((torch.exp(r * to_units) - 1).abs() > clip_range).sum().double(),
                 (r + r_old[images][:, steps]).sum().double(),
                 kl.detach().sum().double(),
                 (~torch.isfinite(r)).any().double(),
@@ -103,7 +118,7 @@ def grpo_step(engine, traj, adv, cond, uncond, cfg, impl, steps_subset):
     sums[5:] = torch.stack([adv.double().sum(), (adv.double() ** 2).sum()])
     sums = all_reduce(sums)
     world = dist.get_world_size() if dist.is_initialized() else 1
-    adv_mean = sums[5].item() / (G * B * world)
+    adv_mean = sums[5].item() / (adv.numel() * world)
     grad_norm = engine.get_global_grad_norm()
     grad_norm = float("nan") if grad_norm is None else float(grad_norm)
     out = {
@@ -112,7 +127,7 @@ def grpo_step(engine, traj, adv, cond, uncond, cfg, impl, steps_subset):
         "kl": sums[2].item() / (n * world),
         "kl_penalty": sums[3].item() / (n * world),
         "adv_mean": adv_mean,
-        "adv_std": math.sqrt(max(sums[6].item() / (G * B * world) - adv_mean**2, 0.0)),
+        "adv_std": math.sqrt(max(sums[6].item() / (adv.numel() * world) - adv_mean**2, 0.0)),
         "steps_trained": float(steps_subset.numel()),
         "grad_norm": grad_norm,
         "lr": engine.get_lr()[0],

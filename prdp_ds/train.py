@@ -7,8 +7,8 @@
 Per epoch: draw this rank's prompt groups, sample them with the current policy (no grad),
 score them, then K optimizer steps, each exact over whole trajectories (prdp_ds.twopass).
 `algo.name: ddpo` takes DDPO's steps instead (prdp_ds.ddpo) on the same rollouts, `algo.name: grpo` GRPO's
-(prdp_ds.grpo), and `algo.online: false` reads the rollouts from a dataset sampled once from the reference
-(prdp_ds.offline).
+(prdp_ds.grpo), `algo.name: dpok` DPOK's with its value function (prdp_ds.dpok), and `algo.online: false` reads
+the rollouts from a dataset sampled once from the reference (prdp_ds.offline).
 """
 
 import argparse
@@ -25,8 +25,9 @@ from tqdm import tqdm
 
 from prdp_ds import chunking, rundir
 from prdp_ds import config as config_lib
-from prdp_ds.checkpoint import load_checkpoint, save_checkpoint
+from prdp_ds.checkpoint import load_aux_state, load_checkpoint, save_checkpoint
 from prdp_ds.ddpo import PerPromptStatTracker, advantages, ddpo_step
+from prdp_ds.dpok import ValueFunction, dpok_step
 from prdp_ds.engine import batch_arithmetic, build_ds_config, load_ds_json, make_engine, make_optimizer, run_on_ranks
 from prdp_ds.grpo import group_advantages, grpo_step, step_subset
 from prdp_ds.metrics import RunLog, logratio_noise, peak_memory_mb
@@ -153,6 +154,11 @@ class Trainer:
         self.ds_config = build_ds_config(ds_json, cfg, world)
         offload = self.ds_config["zero_optimization"].get("offload_optimizer", {}).get("device") == "cpu"
         unet = self.models.unet
+        self.value = None
+        if cfg.algo.name == "dpok":  # DPOK's learned baseline beside the policy (prdp_ds.dpok), seeded by train.seed
+            u = unet.config
+            size = (u.sample_size, u.sample_size) if isinstance(u.sample_size, int) else tuple(u.sample_size)
+            self.value = ValueFunction(cfg, (u.in_channels, *size), u.cross_attention_dim, device)
         trainable = [q for q in unet.parameters() if q.requires_grad]
         self.engine = make_engine(unet, self.ds_config, make_optimizer(trainable, cfg, on_gpu and not offload))
         self.models.unet = self.engine  # the policy is called through the engine
@@ -281,6 +287,11 @@ class Trainer:
         elif cfg.algo.name == "grpo":  # from this epoch's rewards alone: a resume recomputes them
             adv = group_advantages(rewards, cfg.grpo.adv_clip)
         so_far = so_far or {"steps": [], "noise": {}, "sample_s": 0.0, "train_s": 0.0}
+        value_stats = so_far.get("value", {})
+        if self.value is not None:  # DPOK: V learns from this epoch's rollout once (a mid-epoch resume loaded it)
+            if first_k == 0:
+                value_stats = self.value.fit(traj, cond, rewards, epoch)
+            adv = self.value.advantages(traj, cond, rewards)
         sample_s += so_far["sample_s"]
         noise = self.logratio_noise(epoch, traj, cond, uncond) if first_k == 0 else so_far["noise"]
         steps, k = list(so_far["steps"]), first_k
@@ -291,6 +302,8 @@ class Trainer:
                 )
             elif cfg.algo.name == "ddpo":
                 stats = ddpo_step(self.engine, traj, adv, cond, uncond, cfg, self.impl)
+            elif cfg.algo.name == "dpok":
+                stats = dpok_step(self.engine, traj, adv, cond, uncond, cfg, self.impl)
             else:
                 steps_k = step_subset(cfg, epoch, k, rewards.device)
                 stats = grpo_step(self.engine, traj, adv, cond, uncond, cfg, self.impl, steps_k)
@@ -308,7 +321,14 @@ class Trainer:
                     state,
                     self.rank,
                     rollout=(traj, rewards, parts) if self.offline is None else None,
-                    epoch_so_far={"steps": steps, "noise": noise, "sample_s": sample_s, "train_s": elapsed},
+                    epoch_so_far={
+                        "steps": steps,
+                        "noise": noise,
+                        "sample_s": sample_s,
+                        "train_s": elapsed,
+                        "value": value_stats,
+                    },
+                    aux_state=self.aux_state(),
                 )
                 raise SystemExit(0)
         train_s = so_far["train_s"] + time.perf_counter() - start
@@ -335,6 +355,7 @@ class Trainer:
             "steps_applied": len(applied),
             "steps_skipped": len(steps) - len(applied),
             **_mean_all(local, self.device),
+            **value_stats,
             **components,
             **noise,
             "sample_s": sample_s,
@@ -375,6 +396,10 @@ class Trainer:
             state["ddpo_tracker"] = tracker_state or self.tracker.state_dict()
         return state
 
+    def aux_state(self):
+        """What checkpoints keep beside the engine and trainer_state.json: DPOK's value function, or None."""
+        return None if self.value is None else self.value.state_dict()
+
     def _handle_bad(self, epoch, k, stats, traj):
         if "skipped" not in stats:
             self.bad_in_a_row = 0
@@ -400,6 +425,8 @@ class Trainer:
                 self.prompt_sampler.check_state(state["prompts"])
             if self.tracker is not None:
                 self.tracker.load_state_dict(state["ddpo_tracker"])
+            if self.value is not None:
+                self.value.load_state_dict(load_aux_state(ckpt, self.device))
             for group in self.engine.optimizer.param_groups:  # a changed train.lr takes effect (the rest is in cfg)
                 group["lr"] = cfg.train.lr
             start_epoch, first_k = state["epoch"], state["step_in_epoch"]
@@ -446,7 +473,12 @@ class Trainer:
                 or preempt.agreed(self.device)
             ):
                 save_checkpoint(
-                    self.engine, cfg, self.output_dir, self.state(epoch, cfg.train.steps_per_epoch), self.rank
+                    self.engine,
+                    cfg,
+                    self.output_dir,
+                    self.state(epoch, cfg.train.steps_per_epoch),
+                    self.rank,
+                    aux_state=self.aux_state(),
                 )
                 self.log.plot_rewards()
                 if preempt.requested:

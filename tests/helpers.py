@@ -1,7 +1,7 @@
 """Helpers shared by several test files (a test file never imports another): the tiny two-pass setup
-(test_twopass, test_ddpo, test_lora), end-to-end trainer runs (test_train, test_offline, test_faults) and a tiny
-model in the Stable Diffusion folder layout (test_models, test_faults). The
-`rollout` fixture lives in conftest.py."""
+(test_twopass, test_ddpo, test_lora), the full-graph reference of GRPO's and DPOK's objectives (test_grpo,
+test_dpok), end-to-end trainer runs (test_train, test_offline, test_faults) and a tiny model in the Stable Diffusion
+folder layout (test_models, test_faults). The `rollout` fixture lives in conftest.py."""
 
 import copy
 import json
@@ -165,3 +165,37 @@ def save_sd_folder(models, root):
     (root / "tokenizer" / "tokenizer_config.json").write_text(
         json.dumps({"model_max_length": 16, "pad_token": "!"})
     )  # id 0, as open_clip pads
+
+
+def full_graph_surrogate_grad(unet, models, traj, adv, terms, subset, dtype):
+    """A per-step ratio objective (GRPO's, DPOK's) through every selected UNet call of every image in one graph, in
+    `dtype`, one backward -> the flat fp64 gradient. adv: (G, B) or (G, B, T); terms(log_ratio (n, k) per-element
+    mean, adv (n, 1) or (n, k), KL_t (n, k) per-element mean) -> (n, k); the loss is their mean."""
+    unet = copy.deepcopy(unet).to(dtype)
+    s, n = traj.schedule, G * B
+    cond = models.encode_prompts(traj.flat_prompts).to(dtype)
+    uncond = models.encode_prompts([""]).to(dtype).expand(n, -1, -1)
+    lat, old, ref = (traj.flat(name).to(dtype) for name in ("latents", "eps_old", "eps_ref"))
+    D, out_terms = lat[0, 0].numel(), []
+    flat_adv = adv.reshape(n, -1).to(dtype)
+    for k in subset.tolist():
+        x = lat[:, k]
+        out = unet(torch.cat([x, x]), s.timesteps[k].expand(2 * n), torch.cat([uncond, cond])).sample
+        eps = out[:n] + W * (out[n:] - out[:n])
+        a, b, sigma = (c[k].to(dtype) for c in (s.a, s.b, s.sigma))
+        r = (b * (eps - old[:, k]) * (2 * lat[:, k + 1] - 2 * a * x - b * (eps + old[:, k]))).flatten(1).sum(1)
+        kl = ((b * (eps - ref[:, k])) ** 2).flatten(1).sum(1) / (2 * sigma**2 * D)
+        a_k = flat_adv[:, k : k + 1] if flat_adv.shape[1] > 1 else flat_adv
+        out_terms.append(terms((r / (2 * sigma**2 * D))[:, None], a_k, kl[:, None]))
+    torch.cat(out_terms, dim=1).mean().backward()
+    return torch.cat([p.grad.flatten() for p in unet.parameters()]).double()
+
+
+class Payload:
+    """Unpickles into os.mkdir(path): what a malicious checkpoint would run."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)

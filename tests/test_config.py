@@ -155,13 +155,21 @@ def test_unknown_preset_and_unreadable_file(tmp_path):
         ("ddpo.buffer_size=0", "ddpo.buffer_size: expected at least 1, got 0"),
         ("ddpo.min_count=0", "ddpo.min_count: expected at least 1, got 0"),
         ("ddpo.reduction=max", "ddpo.reduction: expected one of ('sum', 'mean'), got 'max'"),
-        ("algo.name=ppo", "algo.name: expected one of ('prdp', 'ddpo', 'grpo'), got 'ppo'"),
+        ("algo.name=ppo", "algo.name: expected one of ('prdp', 'ddpo', 'grpo', 'dpok'), got 'ppo'"),
         ("grpo.clip_range=0", "grpo.clip_range: expected a finite float > 0, got 0.0"),
         ("grpo.adv_clip=-1", "grpo.adv_clip: expected a finite float > 0, got -1.0"),
         ("grpo.kl_weight=-0.01", "grpo.kl_weight: expected a finite float >= 0, got -0.01"),
         ("grpo.step_fraction=0", "grpo.step_fraction: expected a float in (0, 1], got 0.0"),
         ("grpo.step_fraction=1.5", "grpo.step_fraction: expected a float in (0, 1], got 1.5"),
         ("grpo.reduction=max", "grpo.reduction: expected one of ('sum', 'mean'), got 'max'"),
+        ("dpok.reward_weight=0", "dpok.reward_weight: expected a finite float > 0, got 0.0"),
+        ("dpok.kl_weight=-1", "dpok.kl_weight: expected a finite float >= 0, got -1.0"),
+        ("dpok.clip_range=nan", "dpok.clip_range: expected a finite float > 0, got nan"),
+        ("dpok.reduction=max", "dpok.reduction: expected one of ('sum', 'mean'), got 'max'"),
+        ("dpok.value_lr=0", "dpok.value_lr: expected a finite float > 0, got 0.0"),
+        ("dpok.value_steps=0", "dpok.value_steps: expected at least 1, got 0"),
+        ("dpok.value_batch_size=0", "dpok.value_batch_size: expected at least 1, got 0"),
+        ("dpok.value_width=0", "dpok.value_width: expected at least 1, got 0"),
         ("output.save_every=-1", "output.save_every: expected at least 0, got -1"),
         ("output.sample_every=-1", "output.sample_every: expected at least 0, got -1"),
         ("output.eval_images=0", "output.eval_images: expected at least 1, got 0"),
@@ -190,7 +198,12 @@ def test_a_value_out_of_range_is_one_line_naming_the_key_the_value_and_the_range
         ),
         (
             ["algo.name=grpo", "algo.online=false"],
-            "algo.online: expected true with algo.name 'grpo' (its PPO ratio is to the sampling policy: on fixed "
+            "algo.online: expected true with algo.name 'grpo' (its ratio is to the sampling policy: on fixed "
+            "reference rollouts the clip would zero its gradient once the policy moves), got False",
+        ),
+        (
+            ["algo.name=dpok", "algo.online=false"],
+            "algo.online: expected true with algo.name 'dpok' (its ratio is to the sampling policy: on fixed "
             "reference rollouts the clip would zero its gradient once the policy moves), got False",
         ),
         (["ddpo.min_count=17"], "ddpo.min_count: expected at most ddpo.buffer_size = 16, got 17"),
@@ -218,6 +231,7 @@ def test_a_value_the_other_keys_rule_out_is_one_line_naming_it(texts, line):
         ["algo.name=ddpo", "train.images_per_prompt=1", "ddpo.per_prompt_norm=false", "ddpo.min_count=1"],
         ["output.eval_prompts=[]", "output.sample_every=0"],
         ["algo.name=grpo", "grpo.kl_weight=0", "grpo.step_fraction=1", "grpo.reduction=sum"],
+        ["algo.name=dpok", "train.images_per_prompt=1", "dpok.kl_weight=0", "dpok.reduction=sum"],  # V needs no group
         ["sampler.guidance_scale=0", "sampler.eta=1", "train.grad_clip=0", "train.weight_decay=0"],
         ["train.memory_margin=0", "train.adam_betas=[0, 0]", "output.save_every=0", "model.lora_rank=0"],
         ["loss.clip_range=1.0e9", "prompts.template='A painting of a {}'"],

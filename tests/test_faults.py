@@ -19,7 +19,7 @@ from pathlib import Path
 import fault_injection
 import pytest
 import torch
-from helpers import REPO, SMALL, TIMING, _port, metrics, save_sd_folder, start_until
+from helpers import REPO, SMALL, TIMING, Payload, _port, metrics, save_sd_folder, start_until
 
 from prdp_ds import evaluate, train
 from prdp_ds.models import build_tiny
@@ -208,21 +208,11 @@ def test_a_checkpoint_with_a_planted_pickle_is_refused(tmp_path, capsys, straigh
     shutil.copytree(straight[0], out)
     target = out / "checkpoints" / "epoch_0002" / "engine" / "state" / "mp_rank_00_model_states.pt"
     state = torch.load(target, weights_only=True)
-    state["module"]["extra"] = _Payload(str(marker))
+    state["module"]["extra"] = Payload(str(marker))
     torch.save(state, target)
     message = _fails(capsys, [*TINY, "--output-dir", str(out), "--resume", "--set", "train.epochs=4"])
     assert f"{target}: refused" in message and "posix.mkdir" in message
     assert not marker.exists()
-
-
-class _Payload:
-    """Unpickles into os.mkdir(path): what a malicious checkpoint would run."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return os.mkdir, (self.path,)
 
 
 # Kills: kill -9 at 20 random moments, each resumed; the final weights bit-identical to the straight run's.

@@ -7,11 +7,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import SMALL, TIMING, B, G, W, _cfg, _engine, _rel, metrics, run
+from helpers import SMALL, TIMING, B, G, _cfg, _engine, _rel, full_graph_surrogate_grad, metrics, run
 from safetensors.torch import load_file
 
 from prdp_ds.grpo import group_advantages, grpo_step, grpo_terms, step_kl, step_subset
 from prdp_ds.twopass import chunk_log_ratios_eps, chunks
+
+DTYPES = (torch.float64, torch.float32)
 
 
 def _grpo_cfg(steps_per_chunk, images_per_chunk, kl_weight=0.0, step_fraction=1.0):
@@ -69,30 +71,6 @@ def test_step_subsets_depend_only_on_seed_epoch_and_step():
     assert step_subset(cfg, 3, 1).tolist() == list(range(10))
 
 
-def full_graph_grpo_grad(unet, models, traj, adv, cfg, subset, dtype):
-    """GRPO's loss through every selected UNet call of every image in one graph, in `dtype`, one backward."""
-    unet = copy.deepcopy(unet).to(dtype)
-    s, n = traj.schedule, G * B
-    cond = models.encode_prompts(traj.flat_prompts).to(dtype)
-    uncond = models.encode_prompts([""]).to(dtype).expand(n, -1, -1)
-    lat, old, ref = (traj.flat(name).to(dtype) for name in ("latents", "eps_old", "eps_ref"))
-    D, g, terms = lat[0, 0].numel(), cfg.grpo, []
-    for k in subset.tolist():
-        x = lat[:, k]
-        out = unet(torch.cat([x, x]), s.timesteps[k].expand(2 * n), torch.cat([uncond, cond])).sample
-        eps = out[:n] + W * (out[n:] - out[:n])
-        a, b, sigma = (c[k].to(dtype) for c in (s.a, s.b, s.sigma))
-        r = (b * (eps - old[:, k]) * (2 * lat[:, k + 1] - 2 * a * x - b * (eps + old[:, k]))).flatten(1).sum(1)
-        kl = ((b * (eps - ref[:, k])) ** 2).flatten(1).sum(1) / (2 * sigma**2 * D)
-        terms.append(
-            grpo_terms(
-                (r / (2 * sigma**2 * D))[:, None], adv.reshape(-1, 1).to(dtype), kl[:, None], g.clip_range, g.kl_weight
-            )
-        )
-    torch.cat(terms, dim=1).mean().backward()
-    return torch.cat([p.grad.flatten() for p in unet.parameters()]).double()
-
-
 @pytest.mark.parametrize("kl_weight", [0.0, 0.05])
 @pytest.mark.parametrize("step_fraction", [1.0, 0.5])
 @pytest.mark.parametrize("steps_per_chunk,images_per_chunk", [(1, 2), (3, 4)])
@@ -105,14 +83,14 @@ def test_per_chunk_backward_equals_full_graph_over_two_steps(
     adv = group_advantages(rewards, cfg.grpo.adv_clip)
     engine, opt = _engine(models, cfg, lr=3e-4)
     cond, uncond = models.encode_prompts(traj.flat_prompts), models.encode_prompts([""])
+    terms = lambda r, a, kl: grpo_terms(r, a, kl, cfg.grpo.clip_range, cfg.grpo.kl_weight)  # noqa: E731
     clipped = 0.0
     for k in range(2):
         policy = copy.deepcopy(engine.module)  # theta before this step
         subset = step_subset(cfg, 0, k)
         stats = grpo_step(engine, traj, adv, cond, uncond, cfg, "torch", subset)
         assert "skipped" not in stats and stats["steps_trained"] == subset.numel() == max(1, int(4 * step_fraction))
-        want = full_graph_grpo_grad(policy, models, traj, adv, cfg, subset, torch.float64)
-        ref32 = full_graph_grpo_grad(policy, models, traj, adv, cfg, subset, torch.float32)
+        want, ref32 = (full_graph_surrogate_grad(policy, models, traj, adv, terms, subset, d) for d in DTYPES)
         got = opt.seen[k][: want.numel()].double()
         assert _rel(got, want) <= 2 * _rel(ref32, want) + 1e-6, f"step {k}: per-chunk gradient differs"
         clipped = max(clipped, stats["clip_frac"])

@@ -73,10 +73,15 @@ class Experiment:
 
 EXPERIMENTS = {
     "E1": Experiment(
-        "small scale: PRDP vs DDPO (and GRPO, a later baseline) vs base on the demo's 4 world_demo prompts, alignment "
+        "small scale: PRDP vs DDPO, DPOK and GRPO vs base on the demo's 4 world_demo prompts, alignment "
         "reward (paper Table 1)",
         "PRDP reaches a higher reward than DDPO on the training prompts, and both beat the base model.",
-        {"prdp": ("demo", []), "ddpo": ("demo", DDPO), "grpo": ("demo", ["algo.name=grpo"])},
+        {
+            "prdp": ("demo", []),
+            "ddpo": ("demo", DDPO),
+            "grpo": ("demo", ["algo.name=grpo"]),
+            "dpok": ("demo", ["algo.name=dpok"]),
+        },
         ("world_demo",),
         samples=64,
         sample_efficiency=True,
