@@ -44,7 +44,7 @@ EVAL_REWARD = "{world_alignment: 1.0, world_judge: 0.0, world_aesthetic: 0.0}"
 AESTHETIC = [
     "reward={world_aesthetic: 1.0, world_alignment: 0.0, world_judge: 0.0}",
     "train.epochs=8",
-]  # 4 arms: 8 epochs each keeps a seed near the 15-minute budget
+]  # 4 arms: 8 of the demo's epochs each keeps a seed within the 30-minute budget
 DDPO = ["algo.name=ddpo"]  # same lr, sampler, prompts and reward queries as PRDP
 NO_CLIP = ["loss.clip_range=1.0e9"]
 QUICK = [
@@ -99,17 +99,18 @@ EXPERIMENTS = {
         ("world_seen", "world_unseen"),
     ),
     "E3": Experiment(
-        "KL regularization against reward hacking: the image-only aesthetic reward, PRDP at three beta, "
-        "and DDPO (paper Fig. 8, 10)",
+        "KL regularization against reward hacking at the demo's settings: the image-only aesthetic reward, PRDP "
+        "at three beta, and DDPO (paper Fig. 8, 10)",
         "Smaller beta raises the reward faster; larger beta keeps the samples closer to the base model "
         "(here: the judge's accuracy on the prompts falls less).",
         {
-            "prdp_beta_0.01": ("world", AESTHETIC + ["loss.kl_weight=0.01"]),
-            "prdp_beta_0.05": ("world", AESTHETIC + ["loss.kl_weight=0.05"]),
-            "prdp_beta_0.25": ("world", AESTHETIC + ["loss.kl_weight=0.25"]),
-            "ddpo": ("world", AESTHETIC + DDPO),
+            "prdp_beta_0.01": ("demo", AESTHETIC + ["loss.kl_weight=0.01"]),
+            "prdp_beta_0.05": ("demo", AESTHETIC + ["loss.kl_weight=0.05"]),
+            "prdp_beta_0.25": ("demo", AESTHETIC + ["loss.kl_weight=0.25"]),
+            "ddpo": ("demo", AESTHETIC + DDPO),
         },
-        ("world_small",),
+        ("world_demo",),
+        samples=64,
     ),
     "E4": Experiment(
         "online vs offline at the demo's settings, same reward queries and gradient steps (paper Fig. 7)",
