@@ -11,6 +11,8 @@ import torch
 from helpers import REPO, SMALL, TIMING, _port, metrics, run, start_until
 from safetensors.torch import load_file
 
+from prdp_ds.checkpoint import AUX_STATE, load_aux_state
+
 
 def unet_params(ckpt):
     return load_file(str(ckpt / "unet" / "diffusion_pytorch_model.safetensors"))
@@ -369,3 +371,47 @@ def test_logratio_noise_is_measured_at_theta_old_and_warns_above_the_clip_range(
     assert row["logratio_noise_max"] == pytest.approx(0.02, abs=1e-4)
     (warning,) = [line for line in capsys.readouterr().out.splitlines() if "log-ratio noise" in line]
     assert warning.startswith("warning: epoch 0: ") and "> loss.clip_range 0.001" in warning
+
+
+BASELINES = {
+    "grpo": ["--set", "algo.name=grpo", "--set", "grpo.kl_weight=0.01"],
+    "dpok": ["--set", "algo.name=dpok", "--set", "dpok.value_batch_size=16", "--set", "dpok.value_width=32"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", list(BASELINES))
+def test_baselines_train_the_same_on_one_and_two_ranks(tmp_path, algo):
+    """GRPO's group advantages are local to a rank; DPOK's value minibatches are drawn from the world's transitions
+    and each rank scores those it holds: 2 ranks take the same steps as 1 (ZeRO-2; the tolerance of the PRDP test)."""
+    for ranks in (1, 2):
+        args = ["--output-dir", str(tmp_path / f"r{ranks}"), "--config", str(REPO / "ds_configs" / "zero2.json")]
+        args += ["--set", "train.epochs=1", *SMALL, *BASELINES[algo], "--set", "train.adam_eps=1e-3"]
+        run(args, ranks, threads=1)
+    ckpt = [tmp_path / f"r{r}" / "checkpoints" / "epoch_0000" for r in (1, 2)]
+    p1, p2 = (unet_params(c) for c in ckpt)
+    for k in p1:
+        torch.testing.assert_close(p2[k], p1[k], rtol=0, atol=0.01 * 3e-4)
+    if algo == "dpok":
+        v1, v2 = (load_aux_state(c, "cpu")["net"] for c in ckpt)
+        for k in v1:
+            torch.testing.assert_close(v2[k], v1[k], rtol=1e-5, atol=1e-7)
+    m1, m2 = metrics(tmp_path / "r1")[0], metrics(tmp_path / "r2")[0]
+    keys = ("reward_mean", "loss", "kl", "kl_penalty", "adv_mean", "adv_std", "clip_frac")
+    for key in keys + (("value_loss",) if algo == "dpok" else ()):
+        assert m2[key] == pytest.approx(m1[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", list(BASELINES))
+def test_baselines_with_lora_on_zero3_start_at_the_reference_and_save_only_adapters(tmp_path, algo):
+    out = tmp_path / algo
+    lora = ["--set", "model.lora_rank=2", "--set", "train.lr=0.01", "--set", "train.steps_per_epoch=1"]
+    run(["--output-dir", str(out), "--config", str(REPO / "ds_configs" / "zero3.json"), *SMALL, *BASELINES[algo],
+         "--set", "train.epochs=2", *lora])  # fmt: skip
+    rows = metrics(out)
+    assert rows[0]["kl"] == 0.0 and rows[0]["kl_penalty"] == 0.0  # step 1 of epoch 0: theta = ref exactly
+    assert rows[1]["kl"] != 0.0 and rows[1]["kl_penalty"] > 0  # the adapters moved
+    ckpt = out / "checkpoints" / "epoch_0001"
+    assert (ckpt / "unet_lora" / "pytorch_lora_weights.safetensors").is_file() and not (ckpt / "unet").exists()
+    assert (ckpt / AUX_STATE).is_file() == (algo == "dpok")
