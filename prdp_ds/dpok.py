@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prdp_ds.ddpo import finite_everywhere
-from prdp_ds.grpo import surrogate_step
+from prdp_ds.grpo import surrogate_step, with_policy_loss
 from prdp_ds.twopass import all_reduce
 
 ROWS_PER_CALL = 4096  # value-function rows evaluated at once when computing advantages (memory bound only)
@@ -162,4 +162,5 @@ def dpok_step(engine, traj, adv, cond, uncond, cfg, impl):
         return dpok_terms(log_ratio, a, kl, d.clip_range, d.kl_weight)
 
     steps = torch.arange(cfg.sampler.num_steps, device=adv.device)
-    return surrogate_step(engine, traj, adv, cond, uncond, cfg, impl, steps, terms, d.clip_range, d.reduction)
+    out = surrogate_step(engine, traj, adv, cond, uncond, cfg, impl, steps, terms, d.clip_range, d.reduction)
+    return with_policy_loss(out, d.kl_weight)

@@ -76,7 +76,15 @@ def grpo_step(engine, traj, adv, cond, uncond, cfg, impl, steps_subset):
     def terms(log_ratio, a, kl):
         return grpo_terms(log_ratio, a, kl, g.clip_range, g.kl_weight)
 
-    return surrogate_step(engine, traj, adv, cond, uncond, cfg, impl, steps_subset, terms, g.clip_range, g.reduction)
+    out = surrogate_step(engine, traj, adv, cond, uncond, cfg, impl, steps_subset, terms, g.clip_range, g.reduction)
+    return with_policy_loss(out, g.kl_weight)
+
+
+def with_policy_loss(stats, kl_weight):
+    """stats plus 'policy_loss': the loss without its KL term (loss - kl_weight * kl_penalty), when it was taken."""
+    if "kl_penalty" in stats:
+        stats["policy_loss"] = stats["loss"] - kl_weight * stats["kl_penalty"]
+    return stats
 
 
 def surrogate_step(engine, traj, adv, cond, uncond, cfg, impl, steps_subset, terms, clip_range, reduction):

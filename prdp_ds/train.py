@@ -334,7 +334,8 @@ class Trainer:
         train_s = so_far["train_s"] + time.perf_counter() - start
         all_rewards = _gather(rewards.reshape(-1))
         applied = [s for s in steps if "skipped" not in s]
-        local_keys = ("clip_frac", "kl", "pred_err", "kl_penalty", "adv_mean", "adv_std", "steps_trained")
+        local_keys = ("clip_frac", "kl", "pred_err", "kl_penalty", "policy_loss", "adv_mean", "adv_std")
+        local_keys += ("steps_trained",)
         keys = [key for key in local_keys if applied and key in applied[0]]
         local = {key: sum(s[key] for s in applied) / len(applied) for key in keys}
         components = {}

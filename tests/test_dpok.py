@@ -183,7 +183,8 @@ DPOK = ["--set", "algo.name=dpok", "--set", "dpok.value_batch_size=16", "--set",
 def test_dpok_trains_end_to_end_with_finite_metrics_and_checkpoints_its_value_function(tmp_path):
     run(["--output-dir", str(tmp_path), "--set", "train.epochs=1", *SMALL, *DPOK])
     (row,) = metrics(tmp_path)
-    for key in ("loss", "clip_frac", "kl", "kl_penalty", "adv_mean", "adv_std", "grad_norm", "value_loss"):
+    keys = ("loss", "policy_loss", "clip_frac", "kl", "kl_penalty", "adv_mean", "adv_std", "grad_norm", "value_loss")
+    for key in keys:
         assert math.isfinite(row[key]), (key, row)
     assert row["steps_applied"] == 2 and row["steps_trained"] == 3 and "pred_err" not in row
     state = load_aux_state(tmp_path / "checkpoints" / "epoch_0000", "cpu")

@@ -134,7 +134,7 @@ GRPO = ["--set", "algo.name=grpo", "--set", "grpo.kl_weight=0.01", "--set", "grp
 def test_grpo_trains_end_to_end_with_finite_metrics(tmp_path):
     run(["--output-dir", str(tmp_path), "--set", "train.epochs=1", *SMALL, *GRPO])
     (row,) = metrics(tmp_path)
-    for key in ("loss", "clip_frac", "kl", "kl_penalty", "adv_mean", "adv_std", "grad_norm"):
+    for key in ("loss", "policy_loss", "clip_frac", "kl", "kl_penalty", "adv_mean", "adv_std", "grad_norm"):
         assert math.isfinite(row[key]), (key, row)
     assert row["steps_applied"] == 2 and row["steps_trained"] == 2 and "pred_err" not in row
 
