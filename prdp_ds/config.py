@@ -123,7 +123,10 @@ class DPOKConfig:
     clip_range: float = 1e-4  # the importance ratio is clipped to [1 - clip_range, 1 + clip_range] (--ratio_clip)
     reduction: str = "mean"  # units of the ratio's log-prob and of KL_t: 'mean' over latent elements or 'sum'
     value_lr: float = 1e-4  # the value function's AdamW learning rate (--v_lr)
-    value_steps: int = 5  # minibatch losses averaged into the value function's one step per epoch (--v_step)
+    # AdamW steps of the value function per epoch. DPOK takes one per sampling round of --g_batch_size 6 images: an
+    # epoch of N images matches its value steps per sampled image at N / 6 (the E1 arm: 128 images, 21)
+    value_updates: int = 1
+    value_steps: int = 5  # minibatch losses averaged into each value step (--v_step)
     value_batch_size: int = 256  # transitions (x_t, t) per value minibatch, of the world's (--v_batch_size: per GPU)
     value_width: int = 256  # width of the value network's three hidden layers (DPOK's ValueMulti)
 
@@ -230,6 +233,7 @@ RANGES = {
     "dpok.kl_weight": _NON_NEGATIVE,
     "dpok.clip_range": _POSITIVE,
     "dpok.value_lr": _POSITIVE,
+    "dpok.value_updates": _at_least(1),
     "dpok.value_steps": _at_least(1),
     "dpok.value_batch_size": _at_least(1),
     "dpok.value_width": _at_least(1),

@@ -15,13 +15,15 @@ per-(i, t) terms: each chunk of (images x steps) is backpropagated on its own, e
 
 V is DPOK's ValueMulti: [flatten(x_t), z] through three ConditionalLinear layers (a linear map scaled by a learned
 per-step vector) with ReLU, then a linear output; z is the prompt's text-encoder states averaged over its tokens
-(DPOK takes CLIP's pooled text features). Each epoch, before the policy steps, V takes one AdamW step on the mean
-of dpok.value_steps minibatch MSE losses to the final reward (DPOK: --v_step 5 accumulated minibatches of
---v_batch_size 256 transitions, one optimizer step per sampling round). Where this differs from DPOK's code: its
-transitions come from a replay buffer of the last 1,000 (about two sampling rounds at its settings), here from
-this epoch's rollout; its minibatches are per GPU, here drawn from the world's transitions, so that 1 and N ranks
-train the same V; its policy steps take random minibatches of 24 transitions, here every (image, step) of the
-rollout, as PRDP's and DDPO's steps do.
+(DPOK takes CLIP's pooled text features). Each epoch, before the policy steps, V takes dpok.value_updates AdamW
+steps, each on the mean of dpok.value_steps minibatch MSE losses to the final reward (DPOK: --v_step 5 accumulated
+minibatches of --v_batch_size 256 transitions, one optimizer step per sampling round of --g_batch_size 6 images
+per GPU, so an epoch of N images matches its value steps per image at value_updates = N / 6).
+
+Where this differs from DPOK's code: its transitions come from a replay buffer of the last 1,000 (about three
+sampling rounds of 6 images x 50 steps), here from this epoch's rollout; its minibatches are per GPU, here drawn from
+the world's transitions, so that 1 and N ranks train the same V; its policy steps take random minibatches of 24
+transitions, here every (image, step) of the rollout, as PRDP's and DDPO's steps do.
 """
 
 import math
@@ -102,10 +104,11 @@ class ValueFunction:
         return torch.randperm(n, generator=torch.Generator().manual_seed(seed >> 1))[: min(size, n)]
 
     def fit(self, traj, cond, rewards, epoch):
-        """One AdamW step on the mean of dpok.value_steps minibatch MSE losses of V to the final reward, over the
-        world's (image, step) transitions of this epoch -> {'value_loss': that mean}. Each rank evaluates the drawn
-        transitions it holds and the gradient sums are all-reduced: 1 and N ranks take the same step. cond: (G B, L,
-        D) text states of traj.flat_prompts; rewards: (G, B). No step anywhere if any reward is not finite."""
+        """dpok.value_updates AdamW steps, each on the mean of dpok.value_steps minibatch MSE losses of V to the final
+        reward, over the world's (image, step) transitions of this epoch -> {'value_loss': the mean of those losses}.
+        Each rank evaluates the drawn transitions it holds and the gradient sums are all-reduced: 1 and N ranks take
+        the same steps. cond: (G B, L, D) text states of traj.flat_prompts; rewards: (G, B). No step anywhere if any
+        reward is not finite."""
         if not finite_everywhere(rewards):
             return {"value_loss": float("nan")}
         d, T = self.cfg.dpok, traj.log_ratio_old.shape[2]
@@ -113,21 +116,22 @@ class ValueFunction:
         world = dist.get_world_size() if dist.is_initialized() else 1
         lat, z, r = traj.flat("latents"), prompt_features(cond), rewards.reshape(-1).float()
         n, lo = r.numel() * T, rank * r.numel() * T  # every rank holds as many images
-        self.opt.zero_grad(set_to_none=True)
         total = torch.zeros(1, dtype=torch.float64, device=rewards.device)
-        for s in range(d.value_steps):
-            idx = self._draw(epoch, s, n * world, d.value_batch_size)
-            mine = (idx[(idx >= lo) & (idx < lo + n)] - lo).to(lat.device)
-            image, step = mine // T, mine % T
-            err = self.net(lat[image, step], z[image], step) - r[image]
-            loss = (err**2).sum() / (idx.numel() * d.value_steps)
-            loss.backward()
-            total += loss.detach().double()
-        for p in self.net.parameters():  # DPOK's DDP-wrapped value function: one gradient for the world
-            all_reduce(p.grad)
-        self.opt.step()
+        for u in range(d.value_updates):
+            self.opt.zero_grad(set_to_none=True)
+            for s in range(d.value_steps):
+                idx = self._draw(epoch, u * d.value_steps + s, n * world, d.value_batch_size)
+                mine = (idx[(idx >= lo) & (idx < lo + n)] - lo).to(lat.device)
+                image, step = mine // T, mine % T
+                err = self.net(lat[image, step], z[image], step) - r[image]
+                loss = (err**2).sum() / (idx.numel() * d.value_steps)
+                loss.backward()
+                total += loss.detach().double()
+            for p in self.net.parameters():  # DPOK's DDP-wrapped value function: one gradient for the world
+                all_reduce(p.grad)
+            self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return {"value_loss": all_reduce(total).item()}
+        return {"value_loss": all_reduce(total).item() / d.value_updates}
 
     @torch.no_grad()
     def advantages(self, traj, cond, rewards):

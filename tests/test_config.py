@@ -167,6 +167,7 @@ def test_unknown_preset_and_unreadable_file(tmp_path):
         ("dpok.clip_range=nan", "dpok.clip_range: expected a finite float > 0, got nan"),
         ("dpok.reduction=max", "dpok.reduction: expected one of ('sum', 'mean'), got 'max'"),
         ("dpok.value_lr=0", "dpok.value_lr: expected a finite float > 0, got 0.0"),
+        ("dpok.value_updates=0", "dpok.value_updates: expected at least 1, got 0"),
         ("dpok.value_steps=0", "dpok.value_steps: expected at least 1, got 0"),
         ("dpok.value_batch_size=0", "dpok.value_batch_size: expected at least 1, got 0"),
         ("dpok.value_width=0", "dpok.value_width: expected at least 1, got 0"),

@@ -143,6 +143,10 @@ def test_the_value_function_learns_the_reward_and_draws_its_minibatches_from_see
         twin.fit(traj, cond, rewards, epoch)
     assert all(torch.equal(a, b) for a, b in zip(value.net.parameters(), twin.net.parameters()))
     assert value._draw(3, 1, 100, 10).tolist() == twin._draw(3, 1, 100, 10).tolist() != value._draw(3, 2, 100, 10)
+    cfg.dpok.value_updates = 3  # three AdamW steps in one epoch, each on its own minibatches
+    three = _value(models, cfg)
+    three.fit(traj, cond, rewards, 0)
+    assert three.opt.state_dict()["state"][0]["step"] == 3
     assert prompt_features(cond).shape == (G * B, cond.shape[2])
 
 

@@ -46,6 +46,8 @@ AESTHETIC = [
     "train.epochs=8",
 ]  # 4 arms: 8 of the demo's epochs each keeps a seed within the 30-minute budget
 DDPO = ["algo.name=ddpo"]  # same lr, sampler, prompts and reward queries as PRDP
+# DPOK's defaults but its rate of value steps: one per 6 sampled images (docs/algorithms.md), 128 / 6 per epoch
+DPOK = ["algo.name=dpok", "dpok.value_updates=21"]
 NO_CLIP = ["loss.clip_range=1.0e9"]
 QUICK = [
     "train.epochs=1",
@@ -80,7 +82,7 @@ EXPERIMENTS = {
             "prdp": ("demo", []),
             "ddpo": ("demo", DDPO),
             "grpo": ("demo", ["algo.name=grpo"]),
-            "dpok": ("demo", ["algo.name=dpok"]),
+            "dpok": ("demo", DPOK),
         },
         ("world_demo",),
         samples=64,
