@@ -18,6 +18,12 @@ def unet_params(ckpt):
     return load_file(str(ckpt / "unet" / "diffusion_pytorch_model.safetensors"))
 
 
+BASELINES = {
+    "grpo": ["--set", "algo.name=grpo", "--set", "grpo.kl_weight=0.01"],
+    "dpok": ["--set", "algo.name=dpok", "--set", "dpok.value_batch_size=16", "--set", "dpok.value_width=32"],
+}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("ds_config", ["zero2", "zero3", "zero2_offload"])
 def test_one_and_two_ranks_give_the_same_parameters(tmp_path, ds_config):
@@ -199,9 +205,10 @@ def test_a_nan_reward_on_one_rank_skips_the_step_on_all_and_stops_after_max_bad_
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_mid_epoch_and_the_resumed_run_equals_a_straight_one(tmp_path):
+@pytest.mark.parametrize("algo", ["prdp", "dpok"])  # DPOK: its value function is fitted once per epoch, before step 1
+def test_sigterm_checkpoints_mid_epoch_and_the_resumed_run_equals_a_straight_one(tmp_path, algo):
     straight, cut = tmp_path / "straight", tmp_path / "cut"
-    common = ["--set", "train.epochs=2", *SMALL]
+    common = ["--set", "train.epochs=2", *SMALL, *BASELINES.get(algo, [])]
     run(["--output-dir", str(straight), *common])
     cmd = [sys.executable, "-m", "prdp_ds.train", "--preset", "tiny_demo", "--output-dir", str(cut), *common]
     proc, lines = start_until(cmd, "batch arithmetic", {"MASTER_PORT": str(_port())})
@@ -213,6 +220,9 @@ def test_sigterm_checkpoints_mid_epoch_and_the_resumed_run_equals_a_straight_one
     run(["--output-dir", str(cut), "--resume", "latest", *common])
     pa, pb = unet_params(straight / "checkpoints" / "epoch_0001"), unet_params(cut / "checkpoints" / "epoch_0001")
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    if algo == "dpok":
+        va, vb = (load_aux_state(d / "checkpoints" / "epoch_0001", "cpu")["net"] for d in (straight, cut))
+        assert all(torch.equal(va[k], vb[k]) for k in va)
     # every row complete, the interrupted epoch's too: its step 1 statistics travelled in the mid-epoch checkpoint
     a, b = metrics(straight), metrics(cut)
     assert [{k: v for k, v in r.items() if k not in TIMING} for r in a] == [
@@ -371,12 +381,6 @@ def test_logratio_noise_is_measured_at_theta_old_and_warns_above_the_clip_range(
     assert row["logratio_noise_max"] == pytest.approx(0.02, abs=1e-4)
     (warning,) = [line for line in capsys.readouterr().out.splitlines() if "log-ratio noise" in line]
     assert warning.startswith("warning: epoch 0: ") and "> loss.clip_range 0.001" in warning
-
-
-BASELINES = {
-    "grpo": ["--set", "algo.name=grpo", "--set", "grpo.kl_weight=0.01"],
-    "dpok": ["--set", "algo.name=dpok", "--set", "dpok.value_batch_size=16", "--set", "dpok.value_width=32"],
-}
 
 
 @pytest.mark.slow
