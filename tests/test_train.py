@@ -419,3 +419,22 @@ def test_baselines_with_lora_on_zero3_start_at_the_reference_and_save_only_adapt
     ckpt = out / "checkpoints" / "epoch_0001"
     assert (ckpt / "unet_lora" / "pytorch_lora_weights.safetensors").is_file() and not (ckpt / "unet").exists()
     assert (ckpt / AUX_STATE).is_file() == (algo == "dpok")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", list(BASELINES))
+def test_baselines_resume_equals_a_straight_run(tmp_path, algo):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run(["--output-dir", str(straight), "--set", "train.epochs=3", *SMALL, *BASELINES[algo]])
+    run(["--output-dir", str(split), "--set", "train.epochs=2", *SMALL, *BASELINES[algo]])
+    run(["--output-dir", str(split), "--set", "train.epochs=3", "--resume", "latest", *SMALL, *BASELINES[algo]])
+    a, b = metrics(straight), metrics(split)
+    assert [{k: v for k, v in r.items() if k not in TIMING} for r in a] == [
+        {k: v for k, v in r.items() if k not in TIMING} for r in b
+    ]
+    ckpt = [d / "checkpoints" / "epoch_0002" for d in (straight, split)]
+    pa, pb = (unet_params(c) for c in ckpt)
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    if algo == "dpok":  # and the value function, with its optimizer's state
+        va, vb = (load_aux_state(c, "cpu")["net"] for c in ckpt)
+        assert all(torch.equal(va[k], vb[k]) for k in va)
