@@ -23,7 +23,10 @@ per GPU, so an epoch of N images matches its value steps per image at value_upda
 Where this differs from DPOK's code: its transitions come from a replay buffer of the last 1,000 (about three
 sampling rounds of 6 images x 50 steps), here from this epoch's rollout; its minibatches are per GPU, here drawn from
 the world's transitions, so that 1 and N ranks train the same V; its policy steps take random minibatches of 24
-transitions, here every (image, step) of the rollout, as PRDP's and DDPO's steps do.
+transitions, here every (image, step) of the rollout, as PRDP's and DDPO's steps do; its KL term is the mean of
+(eps_hat_theta - eps_hat_ref)^2 over latent elements (pipeline_stable_diffusion_extended.py), the closed form
+without the step's factor b_t^2 / (2 sigma_t^2), here the closed form itself. Its log-probs are means over latent
+elements (scheduling_ddim_extended.py), as dpok.reduction 'mean'.
 """
 
 import math
