@@ -89,7 +89,7 @@ EXPERIMENTS = {
         sample_efficiency=True,
     ),
     "E2": Experiment(
-        "large scale: world_large, seen and unseen prompts; DDPO with and without per-prompt normalization "
+        "large scale: world_large, seen and unseen prompts; DDPO with and without per-prompt normalization, GRPO, DPOK "
         "(paper Table 2, Fig. 9)",
         "PRDP trains stably at large scale and generalizes to unseen prompts; DDPO falls behind, and "
         "without per-prompt normalization it does worse.",
@@ -97,6 +97,8 @@ EXPERIMENTS = {
             "prdp": ("world_large", []),
             "ddpo": ("world_large", DDPO),
             "ddpo_no_norm": ("world_large", DDPO + ["ddpo.per_prompt_norm=false"]),
+            "grpo": ("world_large", ["algo.name=grpo"]),
+            "dpok": ("world_large", ["algo.name=dpok", "dpok.value_updates=5"]),  # 32 images per epoch / 6
         },
         ("world_seen", "world_unseen"),
     ),
