@@ -407,12 +407,13 @@ def test_baselines_train_the_same_on_one_and_two_ranks(tmp_path, algo):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("ds_config", ["zero3", "zero2_offload"])
 @pytest.mark.parametrize("algo", list(BASELINES))
-def test_baselines_with_lora_on_zero3_start_at_the_reference_and_save_only_adapters(tmp_path, algo):
+def test_baselines_with_lora_start_at_the_reference_and_save_only_adapters(tmp_path, algo, ds_config):
     out = tmp_path / algo
     lora = ["--set", "model.lora_rank=2", "--set", "train.lr=0.01", "--set", "train.steps_per_epoch=1"]
-    run(["--output-dir", str(out), "--config", str(REPO / "ds_configs" / "zero3.json"), *SMALL, *BASELINES[algo],
-         "--set", "train.epochs=2", *lora])  # fmt: skip
+    run(["--output-dir", str(out), "--config", str(REPO / "ds_configs" / f"{ds_config}.json"), *SMALL,
+         *BASELINES[algo], "--set", "train.epochs=2", *lora])  # fmt: skip
     rows = metrics(out)
     assert rows[0]["kl"] == 0.0 and rows[0]["kl_penalty"] == 0.0  # step 1 of epoch 0: theta = ref exactly
     assert rows[1]["kl"] != 0.0 and rows[1]["kl_penalty"] > 0  # the adapters moved
