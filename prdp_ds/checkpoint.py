@@ -228,7 +228,7 @@ def _load_weights_only(path, map_location, allowed=()):
         lines = [line for line in str(err).splitlines() if line.strip()]  # torch's 2nd paragraph names the type
         reason = lines[1] if len(lines) > 1 else (lines or ["?"])[0]
         raise UnsafeCheckpointError(
-            f"{path}: refused: it holds more than tensors and DeepSpeed's allowlisted types, and loading it "
+            f"{path}: refused: it holds more than tensors and the allowlisted types, and loading it "
             f"could run code from it ({reason}). Resume only from checkpoints this trainer wrote"
         ) from None
 

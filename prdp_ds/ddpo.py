@@ -138,6 +138,13 @@ def ddpo_step(engine, traj, adv, cond, uncond, cfg, impl):
                 (~torch.isfinite(r)).any().double(),
             ]
         )
+    return step_record(engine, sums, n)[0]
+
+
+def step_record(engine, sums, n):
+    """A ratio objective's step record from this rank's float64 sums [loss, clipped terms, log-ratio to ref, bad
+    chunks, ...] over its n (image, step) terms -> (record, the world's sums, world size). Collective: all-reduces
+    the sums; 'skipped' is set when any rank saw a non-finite log-ratio or the gradient norm is not finite."""
     sums = all_reduce(sums)
     world = dist.get_world_size() if dist.is_initialized() else 1
     grad_norm = engine.get_global_grad_norm()
@@ -151,4 +158,4 @@ def ddpo_step(engine, traj, adv, cond, uncond, cfg, impl):
     }
     if sums[3].item() > 0 or not math.isfinite(grad_norm):
         out["skipped"] = "grad_norm"
-    return out
+    return out, sums, world

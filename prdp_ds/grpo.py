@@ -22,11 +22,10 @@ import math
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from prdp_ds.config import trained_steps
-from prdp_ds.ddpo import finite_everywhere, ppo_loss, unit_factor
-from prdp_ds.twopass import all_reduce, chunk_log_ratios_eps, chunks
+from prdp_ds.ddpo import finite_everywhere, ppo_loss, step_record, unit_factor
+from prdp_ds.twopass import chunk_log_ratios_eps, chunks
 
 STD_EPS = 1e-4  # Flow-GRPO's guard on a constant-reward group (flow_grpo/stat_tracking.py)
 
@@ -102,7 +101,7 @@ def surrogate_step(engine, traj, adv, cond, uncond, cfg, impl, steps_subset, ter
     flat_adv, r_old = adv.reshape(G * B, T if per_step else 1), traj.log_ratio_old.reshape(G * B, T)
     eps_ref, sched = traj.flat("eps_ref"), traj.schedule
     n = G * B * steps_subset.numel()
-    # loss, clipped, log-ratio to ref, KL_t, bad, adv sum, adv sum of squares
+    # loss, clipped, log-ratio to ref, bad, KL_t, adv sum, adv sum of squares
     sums = torch.zeros(7, dtype=torch.float64, device=adv.device)
     for images, steps in chunks(cfg, G * B, steps_subset):  # count: config.trained_steps
         r, eps = chunk_log_ratios_eps(engine, traj, cond, uncond, images, steps, cfg, impl, against="eps_old")
@@ -119,27 +118,17 @@ def surrogate_step(engine, traj, adv, cond, uncond, cfg, impl, steps_subset, ter
                 loss.detach().double(),
                 ((torch.exp(r * to_units) - 1).abs() > clip_range).sum().double(),
                 (r + r_old[images][:, steps]).sum().double(),
-                kl.detach().sum().double(),
                 (~torch.isfinite(r)).any().double(),
+                kl.detach().sum().double(),
             ]
         )
     sums[5:] = torch.stack([adv.double().sum(), (adv.double() ** 2).sum()])
-    sums = all_reduce(sums)
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    out, sums, world = step_record(engine, sums, n)
     adv_mean = sums[5].item() / (adv.numel() * world)
-    grad_norm = engine.get_global_grad_norm()
-    grad_norm = float("nan") if grad_norm is None else float(grad_norm)
-    out = {
-        "loss": sums[0].item() / world,
-        "clip_frac": sums[1].item() / (n * world),
-        "kl": sums[2].item() / (n * world),
-        "kl_penalty": sums[3].item() / (n * world),
-        "adv_mean": adv_mean,
-        "adv_std": math.sqrt(max(sums[6].item() / (adv.numel() * world) - adv_mean**2, 0.0)),
-        "steps_trained": float(steps_subset.numel()),
-        "grad_norm": grad_norm,
-        "lr": engine.get_lr()[0],
-    }
-    if sums[4].item() > 0 or not math.isfinite(grad_norm):
-        out["skipped"] = "grad_norm"
+    out.update(
+        kl_penalty=sums[4].item() / (n * world),
+        adv_mean=adv_mean,
+        adv_std=math.sqrt(max(sums[6].item() / (adv.numel() * world) - adv_mean**2, 0.0)),
+        steps_trained=float(steps_subset.numel()),
+    )
     return out

@@ -110,12 +110,17 @@ def test_kl_penalty_and_its_gradient_are_exactly_zero_at_the_reference(rollout):
     assert len(opt.seen) == 1 and torch.count_nonzero(opt.seen[0]) == 0
 
 
-def test_the_value_functions_gradient_does_not_reach_the_policy_nor_the_policys_the_value(rollout):
+def _setup(rollout):
+    """The rollout's pieces, a DPOK engine (lr 1e-4, recording its gradients), the text states and a value function."""
     models, traj, rewards = rollout
     cfg = _dpok_cfg(2, 3)
     engine, opt = _engine(models, cfg, lr=1e-4)
     cond, uncond = models.encode_prompts(traj.flat_prompts), models.encode_prompts([""])
-    value = _value(models, cfg)
+    return traj, rewards, cfg, engine, opt, cond, uncond, _value(models, cfg)
+
+
+def test_the_value_functions_gradient_does_not_reach_the_policy_nor_the_policys_the_value(rollout):
+    traj, rewards, cfg, engine, opt, cond, uncond, value = _setup(rollout)
     before = {k: v.clone() for k, v in value.net.state_dict().items()}
     stats = value.fit(traj, cond, rewards, 0)
     assert math.isfinite(stats["value_loss"]) and stats["value_loss"] > 0
@@ -140,7 +145,8 @@ def test_the_value_function_learns_the_reward_and_draws_its_minibatches_from_see
     for epoch in range(60):
         twin.fit(traj, cond, rewards, epoch)
     assert all(torch.equal(a, b) for a, b in zip(value.net.parameters(), twin.net.parameters()))
-    assert value._draw(3, 1, 100, 10).tolist() == twin._draw(3, 1, 100, 10).tolist() != value._draw(3, 2, 100, 10)
+    drawn = value._draw(3, 1, 100, 10).tolist()
+    assert drawn == twin._draw(3, 1, 100, 10).tolist() and drawn != value._draw(3, 2, 100, 10).tolist()
     cfg.dpok.value_updates = 3  # three AdamW steps in one epoch, each on its own minibatches
     three = _value(models, cfg)
     three.fit(traj, cond, rewards, 0)
@@ -149,11 +155,7 @@ def test_the_value_function_learns_the_reward_and_draws_its_minibatches_from_see
 
 
 def test_non_finite_rewards_skip_the_value_step_and_the_policy_step(rollout):
-    models, traj, rewards = rollout
-    cfg = _dpok_cfg(2, 3)
-    engine, opt = _engine(models, cfg, lr=1e-4)
-    cond, uncond = models.encode_prompts(traj.flat_prompts), models.encode_prompts([""])
-    value = _value(models, cfg)
+    traj, rewards, cfg, engine, opt, cond, uncond, value = _setup(rollout)
     bad = rewards.clone()
     bad[1, 2] = float("nan")
     before = [p.clone() for p in value.net.parameters()]
