@@ -195,21 +195,21 @@ class Counters:
         self.pass1_s = 0.0
 
     def install(self):
-        def sampler_predict(unet, x, t, cond, uncond):
+        def sampler_predict(unet, x, t, cond, uncond, guidance=None):
             if unet is not self.ref_unet:
                 self.images["sample"] += x.shape[0]
-                return cfg_predict(unet, x, t, cond, uncond)
+                return cfg_predict(unet, x, t, cond, uncond, guidance)
             self.images["reference"] += x.shape[0]
             sync()
             t0 = time.perf_counter()
-            out = cfg_predict(unet, x, t, cond, uncond)
+            out = cfg_predict(unet, x, t, cond, uncond, guidance)
             sync()
             self.ref_s += time.perf_counter() - t0
             return out
 
-        def twopass_predict(unet, x, t, cond, uncond):
+        def twopass_predict(unet, x, t, cond, uncond, guidance=None):
             self.images["pass2" if torch.is_grad_enabled() else "pass1"] += x.shape[0]
-            return cfg_predict(unet, x, t, cond, uncond)
+            return cfg_predict(unet, x, t, cond, uncond, guidance)
 
         policy_log_ratios = twopass.policy_log_ratios
 

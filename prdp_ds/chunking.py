@@ -110,7 +110,7 @@ def measure_rows(unet, text, latent_shape, dtype, device, images=PROBE_IMAGES):
         x = torch.randn((n, *latent_shape), device=device)
         t = torch.linspace(999, 1, n, device=device).long()
         emb = text.expand(n, -1, -1)
-        eps_u, eps_c = cfg_predict(probe, x, t, emb, emb)
+        eps_u, eps_c = cfg_predict(probe, x, t, emb, emb, guidance=1.0)
         (eps_u.float().sum() + eps_c.float().sum()).backward()
         torch.cuda.synchronize(device)
         peaks.append(torch.cuda.max_memory_allocated(device) - base)
@@ -144,10 +144,9 @@ def resolve(cfg: Config, world: int, device: torch.device, models: Models, dtype
     elif device.type != "cuda":
         out, how = cpu_rule(cfg, world), "no device memory to fill: all of the rank's images x 1 step"
     else:
-        latent = models.unet.config
-        latent_shape = (latent.in_channels, latent.sample_size, latent.sample_size)
+        latent_shape = models.latent_shape
         row, fixed = measure_rows(models.unet, models.encode_prompts([""]), latent_shape, dtype, device)
-        n, T = images_per_rank(cfg, world), cfg.sampler.num_steps
+        n, T = images_per_rank(cfg, world), config_lib.recorded_steps(cfg)
         trainable = sum(p.numel() for p in models.unet.parameters() if p.requires_grad)
         free, _ = torch.cuda.mem_get_info(device)
         budget = budget_bytes(free, t.memory_margin, trainable, n, T, math.prod(latent_shape))

@@ -19,7 +19,8 @@ import yaml
 
 @dataclass
 class ModelConfig:
-    # 'tiny' (random-weight test models), 'world' (the pretrained synthetic world) or a local diffusers SD v1.x folder
+    # 'tiny' (random-weight test models), 'world' (the pretrained synthetic world), 'tiny_sd3' / 'tiny_flux' (random
+    # flow-matching transformers) or a local diffusers folder: SD v1.x, SD3 / SD3.5 or FLUX.1 (docs/flow.md)
     pretrained: str = "tiny"
     seed: int = 0  # seed of the tiny models' random weights
     gradient_checkpointing: bool = False  # UNet activation checkpointing in pass 2 (use_reentrant=False)
@@ -33,9 +34,14 @@ class ModelConfig:
 
 @dataclass
 class SamplerConfig:
-    num_steps: int = 50  # T, DDIM steps per trajectory
-    guidance_scale: float = 5.0  # w, classifier-free guidance scale
-    eta: float = 1.0  # DDIM eta (policy std scale); must be > 0
+    num_steps: int = 50  # T, denoising steps per trajectory
+    guidance_scale: float = 5.0  # w, classifier-free guidance scale (FLUX.1-dev: its distilled guidance input)
+    eta: float = 1.0  # DDIM eta (policy std scale) in the SDE window; must be > 0
+    noise_level: float = 0.7  # flow-matching models: Flow-GRPO's SDE noise level a in the SDE window (> 0)
+    # steps [sde_start, sde_start + sde_steps) are stochastic and trained; the others deterministic (DDIM eta = 0 or
+    # the flow ODE) and carry no log-ratio. sde_steps 0: every step (the paper's setting)
+    sde_steps: int = 0
+    sde_start: int = 0  # first step of the SDE window (0: the first denoising step)
     spacing: str = "uniform"  # DDIM timesteps: 'uniform' (the scheduler's own), 'quadratic' (more steps near t = 0)
     # or 'logsnr' (uniform in log-SNR: every step's |b|/sigma alike; sampler.ddim_timesteps)
     batch_size: int = 16  # images per UNet call while sampling (the CFG batch is twice that)
@@ -201,6 +207,9 @@ RANGES = {
     "sampler.num_steps": _at_least(1),
     "sampler.guidance_scale": (_NON_NEGATIVE[0], "a finite float >= 0 (0: unconditional, 1: no guidance)"),
     "sampler.eta": (lambda v: 0 < v <= 1, "a float in (0, 1] (the policy needs sigma_t > 0)"),
+    "sampler.noise_level": (lambda v: math.isfinite(v) and 0 < v <= 2, "a float in (0, 2] (the policy needs s > 0)"),
+    "sampler.sde_steps": _at_least(0),
+    "sampler.sde_start": _at_least(0),
     "sampler.batch_size": _at_least(1),
     "sampler.ref_batch_size": _at_least(1),
     "loss.kl_weight": _POSITIVE,
@@ -274,6 +283,13 @@ def _check_value(key, value, typ):
 def _relation_errors(cfg):
     """One line per key whose value the other keys rule out (each value already in its own range)."""
     t, d, errors = cfg.train, cfg.ddpo, []
+    s = cfg.sampler
+    if s.sde_start + s.sde_steps > s.num_steps or (s.sde_steps == 0 and s.sde_start > 0):
+        errors.append(
+            f"sampler.sde_start: expected the SDE window [sde_start, sde_start + sde_steps) inside the "
+            f"{s.num_steps} steps (sde_steps 0 takes every step and needs sde_start 0), got sde_start {s.sde_start} "
+            f"with sde_steps {s.sde_steps}"
+        )
     if cfg.algo.name in ("prdp", "grpo") and t.images_per_prompt == 1:
         why = "its loss compares pairs of" if cfg.algo.name == "prdp" else "its advantages standardize within"
         errors.append(
@@ -297,10 +313,33 @@ def _relation_errors(cfg):
     return errors
 
 
+def sde_window(cfg):
+    """(start, stop): the stochastic steps of each trajectory, the ones the rollout records and the losses train."""
+    s = cfg.sampler
+    return (s.sde_start, s.sde_start + s.sde_steps) if s.sde_steps else (0, s.num_steps)
+
+
+def recorded_steps(cfg):
+    """T_sde: the steps in the SDE window (sde_window); T when every step is stochastic."""
+    start, stop = sde_window(cfg)
+    return stop - start
+
+
+# sampler keys added after offline datasets and evaluations were first recorded (meta.json, settings.json): recorded
+# only when not at their default, so that the records made before them still match
+LATER_SAMPLER_KEYS = ("noise_level", "sde_steps", "sde_start")
+
+
+def later_sampler_settings(values):
+    """{name: value} of LATER_SAMPLER_KEYS in `values` (a mapping) that differ from SamplerConfig's defaults."""
+    default = SamplerConfig()
+    return {k: values[k] for k in LATER_SAMPLER_KEYS if values[k] != getattr(default, k)}
+
+
 def trained_steps(cfg):
-    """Denoising steps of each trajectory that one optimizer step trains: T, or with algo.name 'grpo'
-    max(1, int(grpo.step_fraction * T)) (DanceGRPO's int(T * timestep_fraction), at least one)."""
-    T = cfg.sampler.num_steps
+    """Denoising steps of each trajectory that one optimizer step trains: T_sde (recorded_steps), or with algo.name
+    'grpo' max(1, int(grpo.step_fraction * T_sde)) (DanceGRPO's int(T * timestep_fraction), at least one)."""
+    T = recorded_steps(cfg)
     return max(1, int(cfg.grpo.step_fraction * T)) if cfg.algo.name == "grpo" else T
 
 

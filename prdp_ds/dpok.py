@@ -37,6 +37,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from prdp_ds.config import recorded_steps
 from prdp_ds.ddpo import finite_everywhere
 from prdp_ds.grpo import surrogate_step, with_policy_loss
 from prdp_ds.twopass import all_reduce
@@ -95,7 +96,7 @@ class ValueFunction:
         self.cfg, d = cfg, cfg.dpok
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.train.seed)
-            net = ValueNet(math.prod(latent_shape) + text_dim, cfg.sampler.num_steps, d.value_width)
+            net = ValueNet(math.prod(latent_shape) + text_dim, recorded_steps(cfg), d.value_width)
         self.net = net.to(device)
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=d.value_lr)
 
@@ -168,6 +169,6 @@ def dpok_step(engine, traj, adv, cond, uncond, cfg, impl):
     def terms(log_ratio, a, kl):
         return dpok_terms(log_ratio, a, kl, d.clip_range, d.kl_weight)
 
-    steps = torch.arange(cfg.sampler.num_steps, device=adv.device)
+    steps = torch.arange(recorded_steps(cfg), device=adv.device)
     out = surrogate_step(engine, traj, adv, cond, uncond, cfg, impl, steps, terms, d.clip_range, d.reduction)
     return with_policy_loss(out, d.kl_weight)

@@ -40,7 +40,7 @@ from prdp_ds.engine import run_on_ranks
 from prdp_ds.models import ModelLoadError, check_parts, load_models
 from prdp_ds.prompts import load_prompts
 from prdp_ds.rewards import build_reward
-from prdp_ds.sampler import SPACINGS, image_seeds, sample
+from prdp_ds.sampler import SPACINGS, image_seeds, is_flow, sample
 
 EVAL_EPOCH = 2**31 - 2  # evaluation seeds as if from this epoch id: neither a training epoch nor the training grid's
 NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
@@ -53,6 +53,9 @@ FROM_CONFIG = {
     "guidance_scale": "sampler.guidance_scale",
     "eta": "sampler.eta",
     "spacing": "sampler.spacing",
+    "noise_level": "sampler.noise_level",
+    "sde_steps": "sampler.sde_steps",
+    "sde_start": "sampler.sde_start",
     "batch_size": "sampler.batch_size",
     "seed": "train.seed",
     "reward": "reward",
@@ -92,6 +95,9 @@ def parse_args(argv=None):
     p.add_argument("--guidance-scale", type=float)
     p.add_argument("--eta", type=float)
     p.add_argument("--spacing", choices=SPACINGS, help="DDIM timestep spacing (default: sampler.spacing)")
+    p.add_argument("--noise-level", type=float, help="flow SDE noise level (default: sampler.noise_level)")
+    p.add_argument("--sde-steps", type=int, help="SDE window length, 0 = every step (default: sampler.sde_steps)")
+    p.add_argument("--sde-start", type=int, help="first step of the SDE window (default: sampler.sde_start)")
     p.add_argument("--batch-size", type=int, help="images per sampler call")
     p.add_argument(
         "--precision",
@@ -188,6 +194,7 @@ def make_settings(args, models, sets):
             "grid_samples",
         )
     }
+    s.update(config_lib.later_sampler_settings(vars(args)))
     s.update(
         precision=str(_dtype(args.precision)).replace("torch.", ""),
         eval_epoch=EVAL_EPOCH,
@@ -247,29 +254,53 @@ def _place(module, device, dtype):
     return module.eval().requires_grad_(False)
 
 
-def unet_config(name, path):
-    from diffusers import UNet2DConditionModel
+# a flow transformer's config keys that fix what it reads and writes (evaluate.check_model)
+SHAPE_KEYS = (
+    "in_channels",
+    "out_channels",
+    "sample_size",
+    "patch_size",
+    "joint_attention_dim",
+    "pooled_projection_dim",
+)
 
+
+def check_model(name, path, base):
+    """A finetuned policy fits the base's VAE and text encoder: a UNet by prdp_ds.models.check_parts, a flow
+    transformer (the base's class) by having the base policy's shape keys (SHAPE_KEYS). ModelLoadError otherwise."""
+    cls = type(base.unet)
     try:
-        return UNet2DConditionModel.load_config(path)
+        cfg = cls.load_config(path)
     except (OSError, ValueError) as err:
-        raise ModelLoadError(f"--model {name}: cannot read a diffusers UNet config.json in {path}: {err}") from err
+        msg = f"--model {name}: cannot read a diffusers {cls.__name__} config.json in {path}: {err}"
+        raise ModelLoadError(msg) from err
+    where = f"--model {name} ({path})"
+    if not is_flow(base.scheduler):
+        return check_parts(cfg, base.vae.config, base.text_encoder.config, where)
+    want = {k: base.unet.config[k] for k in SHAPE_KEYS if k in base.unet.config}
+    bad = [f"{k} {cfg.get(k)!r} (the base's {v!r})" for k, v in want.items() if cfg.get(k) != v]
+    if bad:
+        raise ModelLoadError(f"{where}: does not fit the base model {base.unet.__class__.__name__}: " + ", ".join(bad))
 
 
 def load_unet(model, base_unet):
+    """A --model's policy: the base's class from its folder (a flow transformer's runtime latent side copied from the
+    base: FLUX's is the VAE's, not in its config), or the base with the LoRA adapters loaded."""
     name, kind, path = model
     if kind == "lora":
         from prdp_ds.lora import load_adapter  # LoRA runs only
 
         return load_adapter(copy.deepcopy(base_unet), path)
-    from diffusers import UNet2DConditionModel
-
     try:
-        return UNet2DConditionModel.from_pretrained(path, use_safetensors=True)
+        unet = type(base_unet).from_pretrained(path, use_safetensors=True)
     except (OSError, ValueError) as err:
         raise ModelLoadError(
-            f"--model {name}: cannot load a diffusers UNet (config.json + *.safetensors) from {path}: {err}"
+            f"--model {name}: cannot load a diffusers {type(base_unet).__name__} (config.json + *.safetensors) from "
+            f"{path}: {err}"
         ) from err
+    if getattr(base_unet, "latent_side", None) is not None:
+        unet.latent_side = base_unet.latent_side
+    return unet
 
 
 def run_unit(models, reward_fn, prompts, ids, args):
@@ -290,6 +321,8 @@ def run_unit(models, reward_fn, prompts, ids, args):
             args.batch_size,
             with_reference=False,
             spacing=args.spacing,
+            noise_level=args.noise_level,
+            window=(args.sde_start, args.sde_start + args.sde_steps) if args.sde_steps else None,
         ).images[:, 0]
         total, parts = reward_fn(images, batch)
         for name, v in {"total": total, **parts}.items():
@@ -343,7 +376,7 @@ def evaluate(
         _place(m, device, dtype)
     for name, kind, path in models_arg:  # every finetuned UNet fits the base's VAE and text encoder, before sampling
         if kind == "unet":
-            check_parts(unet_config(name, path), base.vae.config, base.text_encoder.config, f"--model {name} ({path})")
+            check_model(name, path, base)
     base_unet, current = base.unet, None
     bar = tqdm(total=len(pending), desc="units", disable=rank != 0, dynamic_ncols=True)
     for start in range(0, len(pending), world):  # one round: a unit per rank, rank 0 saves them

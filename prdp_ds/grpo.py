@@ -23,7 +23,7 @@ import math
 import numpy as np
 import torch
 
-from prdp_ds.config import trained_steps
+from prdp_ds.config import recorded_steps, trained_steps
 from prdp_ds.ddpo import finite_everywhere, ppo_loss, step_record, unit_factor
 from prdp_ds.twopass import chunk_log_ratios_eps, chunks
 
@@ -43,7 +43,7 @@ def group_advantages(rewards, adv_clip):
 def step_subset(cfg, epoch, k, device="cpu"):
     """The sorted (n,) int64 step indices that optimizer step k of `epoch` trains: all T when n = T, else a
     uniform n-subset drawn from (train.seed, epoch, k) alone (n = config.trained_steps), so a resume redraws it."""
-    T, n = cfg.sampler.num_steps, trained_steps(cfg)
+    T, n = recorded_steps(cfg), trained_steps(cfg)
     if n == T:
         return torch.arange(T, device=device)
     seed = int(np.random.SeedSequence([cfg.train.seed, epoch, k]).generate_state(1, np.uint64)[0] >> 1)

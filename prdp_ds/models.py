@@ -9,7 +9,9 @@ Weights load through safetensors only (`use_safetensors=True`): never an arbitra
 
 import copy
 import importlib
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -28,7 +30,14 @@ SD14_SCHEDULER = dict(
 
 # Model families built in other modules: model.pretrained name -> "module:builder", imported only when
 # asked for; builder(weights, reference=...) with weights None (its default) or the part after "name:".
-MODEL_FAMILIES = {"world": "prdp_ds.world.model:build_world_models"}
+MODEL_FAMILIES = {
+    "world": "prdp_ds.world.model:build_world_models",
+    "world_flow": "prdp_ds.world.model:build_world_flow_models",
+}
+# Flow-matching families (prdp_ds.flow_models): a tiny source name -> its builder(seed, reference); a local folder's
+# model_index.json _class_name -> its loader(folder, reference).
+FLOW_TINY = {"tiny_sd3": "build_tiny_sd3", "tiny_flux": "build_tiny_flux"}
+FLOW_PIPELINES = {"StableDiffusion3Pipeline": "load_sd3", "FluxPipeline": "load_flux"}
 
 
 class ModelLoadError(RuntimeError):
@@ -85,6 +94,16 @@ class Models:
     text_encoder: torch.nn.Module  # frozen
     tokenizer: object  # prompts -> (n, L) token ids
     scheduler: DDIMScheduler
+
+    @property
+    def latent_shape(self):
+        """(C, h, w) of one latent: the policy's own `latent_shape` when it declares one (a packed-latent
+        transformer), else (in_channels, sample_size, sample_size) from its config."""
+        unet = getattr(self.unet, "module", self.unet)  # a DeepSpeed engine wraps the policy
+        if hasattr(unet, "latent_shape"):
+            return tuple(unet.latent_shape)
+        cfg = unet.config
+        return (cfg.in_channels, cfg.sample_size, cfg.sample_size)
 
     @torch.no_grad()
     def encode_prompts(self, prompts):
@@ -287,11 +306,32 @@ def check_parts(unet_config, vae_config, text_config, where):
         raise ModelLoadError(f"{where}: the model's parts do not fit together: " + "; ".join(problems))
 
 
+def _pipeline_class(source):
+    """The `_class_name` of a local folder's model_index.json, or None when there is none."""
+    index = Path(source) / "model_index.json"
+    if not index.is_file():
+        return None
+    try:
+        return json.loads(index.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError) as err:
+        raise ModelLoadError(f"{index}: expected a JSON object with a _class_name ({err})") from err
+
+
 def load_models(source, seed=0, reference=True):
-    """`source` is 'tiny', 'world' (or 'world:WEIGHTS_DIR'), or a Stable Diffusion folder / hub id.
+    """`source` is 'tiny', 'world' (or 'world:WEIGHTS_DIR'), 'tiny_sd3', 'tiny_flux', a local SD3 / FLUX diffusers
+    folder (model_index.json _class_name in FLOW_PIPELINES), or a Stable Diffusion folder / hub id.
     reference=False builds no reference UNet (ref_unet None): no second copy is ever made. The parts are checked to
-    fit together (check_parts) before anything runs."""
+    fit together (check_parts, or flow_models.check_flow_parts) before anything runs."""
     family, colon, weights = source.partition(":")
+    pipeline = None if source in FLOW_TINY else _pipeline_class(source)
+    if source in FLOW_TINY or pipeline in FLOW_PIPELINES:  # imported only when asked for (it imports this module)
+        flow_models = importlib.import_module("prdp_ds.flow_models")
+        if pipeline is None:
+            models = getattr(flow_models, FLOW_TINY[source])(seed, reference)
+        else:
+            models = getattr(flow_models, FLOW_PIPELINES[pipeline])(source, reference)
+        flow_models.check_flow_parts(models, f"model.pretrained={source!r}")
+        return models
     if family in MODEL_FAMILIES:  # e.g. the pretrained synthetic world (prdp_ds/world)
         module, _, attr = MODEL_FAMILIES[family].partition(":")
         build = getattr(importlib.import_module(module), attr)

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch.distributed as dist
 from tqdm import tqdm
 
+from prdp_ds.config import later_sampler_settings
 from prdp_ds.sampler import load_rollout, save_rollout
 
 
@@ -38,6 +39,7 @@ def dataset_meta(cfg, world_size, prompts_fingerprint, noise_device="cpu"):
         "sampler.guidance_scale": cfg.sampler.guidance_scale,
         "sampler.eta": cfg.sampler.eta,
         "sampler.spacing": cfg.sampler.spacing,
+        **{f"sampler.{k}": v for k, v in later_sampler_settings(vars(cfg.sampler)).items()},
         "train.seed": cfg.train.seed,
         "train.prompts_per_epoch": cfg.train.prompts_per_epoch,
         "train.images_per_prompt": cfg.train.images_per_prompt,

@@ -1,11 +1,16 @@
-"""Sampler: DDIM with eta = 1 (any eta in (0, 1]) and classifier-free guidance, recording what PRDP needs
-(docs/design.md §3).
+"""Sampler: two Gaussian policy families with classifier-free guidance, recording what PRDP needs
+(docs/design.md §3, docs/flow.md).
 
-Per step, with guided prediction eps_hat = eps_u + w (eps_c - eps_u):
+DDIM with eta in (0, 1] (epsilon-prediction UNets). Per step, with eps_hat = eps_u + w (eps_c - eps_u):
     x0_hat   = (x_t - sqrt(1 - ab_t) eps_hat) / sqrt(ab_t)
     sigma_t^2 = eta^2 (1 - ab_prev) / (1 - ab_t) (1 - ab_t / ab_prev)
     mu       = sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev - sigma_t^2) eps_hat = a_t x_t + b_t eps_hat
     x_{t-1}  = mu + sigma_t z
+The flow SDE of Flow-GRPO (rectified-flow models predicting the velocity v; `flow_step_schedule`): the same
+mu = a_t x_t + b_t v_hat, x_next = mu + sigma_t z, with (a_t, b_t, sigma_t) from the shifted sigmas and the noise
+level. Only the steps of the SDE window (sampler.sde_steps) are stochastic; the others are deterministic (DDIM
+eta = 0, the flow ODE's Euler step), carry no log-ratio and are not recorded: the rollout holds x at the window's
+steps and the trajectory's schedule is the window's (`StepSchedule.window`).
 Each image draws its start latent and all step noises from its own seed, on the sampling device, so
 a (seed, prompt) gives the same trajectory at any batch size and on any rank of one device type. The
 frozen reference UNet does not steer the trajectory: its guided prediction eps_ref at every recorded x_t
@@ -40,13 +45,17 @@ ROLLOUT_FIELDS = ("latents", "eps_old", "eps_ref", "log_ratio_old", "images", "s
 
 @dataclass
 class StepSchedule:
-    timesteps: torch.Tensor  # (T,) long, descending
+    timesteps: torch.Tensor  # (T,) descending, the model's time input: long (DDIM) or fp32 sigma * 1000 (flow)
     a: torch.Tensor  # (T,) fp32, coefficient of x_t in mu
-    b: torch.Tensor  # (T,) fp32, coefficient of eps_hat in mu
-    sigma: torch.Tensor  # (T,) fp32, policy std per step
+    b: torch.Tensor  # (T,) fp32, coefficient of eps_hat (v_hat) in mu
+    sigma: torch.Tensor  # (T,) fp32, policy std per step; 0 at a deterministic step
 
     def to(self, device):
         return StepSchedule(*(t.to(device) for t in (self.timesteps, self.a, self.b, self.sigma)))
+
+    def window(self, start, stop):
+        """The schedule of steps [start, stop) (the SDE window a rollout records)."""
+        return StepSchedule(*(t[start:stop] for t in (self.timesteps, self.a, self.b, self.sigma)))
 
 
 SPACINGS = CHOICES["sampler.spacing"]  # ("uniform", "quadratic", "logsnr")
@@ -98,10 +107,33 @@ def _logsnr_timesteps(abar, num_steps):
     return torch.tensor(ts, dtype=torch.long)
 
 
-def step_schedule(scheduler, num_steps, eta=1.0, spacing="uniform"):
-    """The T-step DDIM subsequence (ddim_timesteps) and its per-step (a_t, b_t, sigma_t), from the
-    scheduler's alphas_cumprod and final_alpha_cumprod; computed in fp64, stored in fp32. Each step goes
-    to the next timestep of the sequence; the last to final_alpha_cumprod."""
+def is_flow(scheduler):
+    """Whether `scheduler` is a rectified-flow one (the model predicts the velocity: the flow SDE policy)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return isinstance(scheduler, FlowMatchEulerDiscreteScheduler)
+
+
+def window_mask(num_steps, window, dtype=torch.float64):
+    """(T,) 1 inside the SDE window [start, stop) (None: every step), 0 outside."""
+    start, stop = window or (0, num_steps)
+    if not 0 <= start < stop <= num_steps:
+        raise ValueError(f"the SDE window must lie in [0, {num_steps}) and be non-empty, got [{start}, {stop})")
+    mask = torch.zeros(num_steps, dtype=dtype)
+    mask[start:stop] = 1
+    return mask
+
+
+def step_schedule(scheduler, num_steps, eta=1.0, spacing="uniform", noise_level=0.7, window=None):
+    """All T steps' (timesteps, a_t, b_t, sigma_t) for `scheduler`'s family: `flow_step_schedule` for a flow-matching
+    scheduler (noise_level a), else the DDIM subsequence (ddim_timesteps) from the scheduler's alphas_cumprod and
+    final_alpha_cumprod (eta). window: the SDE window (start, stop), None for every step; outside it a step is
+    deterministic (eta = 0, or a = 0: sigma_t = 0). Computed in fp64, stored in fp32. Each step goes to the next
+    timestep of the sequence; the last to final_alpha_cumprod (sigma = 0 for flow)."""
+    if is_flow(scheduler):
+        if spacing != "uniform":
+            raise ValueError(f"sampler.spacing: flow-matching models take 'uniform' (shifted sigmas), got {spacing!r}")
+        return flow_step_schedule(scheduler, num_steps, noise_level, window)
     if not 0 < eta <= 1:
         raise ValueError(f"sampler.eta must be in (0, 1] (the policy needs sigma_t > 0), got {eta}")
     timesteps = ddim_timesteps(scheduler, num_steps, spacing)
@@ -110,10 +142,42 @@ def step_schedule(scheduler, num_steps, eta=1.0, spacing="uniform"):
     final = torch.as_tensor(float(scheduler.final_alpha_cumprod)).double().view(1)
     ab_prev = torch.cat([abar[timesteps[1:]], final])
     var = (1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev)
-    sigma = eta * var.sqrt()
+    sigma = eta * window_mask(num_steps, window) * var.sqrt()
     a = ab_prev.sqrt() / ab_t.sqrt()
     b = (1 - ab_prev - sigma**2).sqrt() - ab_prev.sqrt() * (1 - ab_t).sqrt() / ab_t.sqrt()
     return StepSchedule(timesteps, a.float(), b.float(), sigma.float())
+
+
+def flow_sigmas(scheduler, num_steps):
+    """(T + 1,) fp64 descending noise levels of a T-step flow trajectory, from 1 to 0: s_i = 1 - i / T for
+    i < T (the SD3 / FLUX pipelines' linspace(1, 1 / T, T)), shifted as sigma = h s / (1 + (h - 1) s) by the
+    scheduler's static shift h (config.shift), then 0."""
+    s = 1 - torch.arange(num_steps, dtype=torch.float64) / num_steps
+    h = float(scheduler.config.shift)
+    sig = torch.cat([h * s / (1 + (h - 1) * s), torch.zeros(1, dtype=torch.float64)])
+    sig[0] = 1.0  # exactly, whatever the rounding of h / (1 + (h - 1))
+    return sig
+
+
+def flow_step_schedule(scheduler, num_steps, noise_level=0.7, window=None):
+    """The flow SDE policy of Flow-GRPO (Liu et al. 2025; its code: flow_grpo/diffusers_patch/sd3_sde_with_logprob.py).
+    With sigma_i the shifted noise levels (flow_sigmas), dt = sigma_{i+1} - sigma_i < 0 and noise level a,
+
+        s_i   = a sqrt(sigma_i / (1 - sigma_i'))          (sigma_i' = sigma_1 at sigma_i = 1, else sigma_i)
+        mu    = x (1 + s_i^2 dt / (2 sigma_i)) + v_hat (1 + s_i^2 (1 - sigma_i) / (2 sigma_i)) dt = a_i x + b_i v_hat
+        x'    = mu + s_i sqrt(-dt) z,   so the policy std is sigma_t = s_i sqrt(-dt).
+
+    Outside the SDE window a = 0: the Euler ODE step x' = x + dt v_hat (a_i = 1, b_i = dt, sigma_t = 0).
+    timesteps: sigma_i * num_train_timesteps (the model's time input), fp32."""
+    sig = flow_sigmas(scheduler, num_steps)
+    sigma, nxt = sig[:-1], sig[1:]
+    dt = nxt - sigma
+    denom = 1 - torch.where(sigma == 1, sig[1] if num_steps > 1 else torch.zeros((), dtype=sig.dtype), sigma)
+    s = noise_level * window_mask(num_steps, window) * (sigma / denom).sqrt()
+    a = 1 + s**2 * dt / (2 * sigma)
+    b = (1 + s**2 * (1 - sigma) / (2 * sigma)) * dt
+    timesteps = (sigma * scheduler.config.num_train_timesteps).float()
+    return StepSchedule(timesteps, a.float(), b.float(), (s * (-dt).sqrt()).float())
 
 
 def image_seeds(base_seed, epoch, group_ids, images_per_group):
@@ -137,11 +201,18 @@ def image_noise(seed, num_steps, latent_shape, device="cpu"):
     return torch.randn((num_steps + 1, *latent_shape), generator=gen, device=device)
 
 
-def cfg_predict(unet, x, t, cond, uncond):
+def cfg_predict(unet, x, t, cond, uncond, guidance=None):
     """UNet on the CFG batch [uncond; cond] at latents x (n, C, h, w), timesteps t (scalar or (n,))
-    -> (eps_u, eps_c), each (n, C, h, w) in the UNet's dtype. cond, uncond: (n, L, dim)."""
+    -> (eps_u, eps_c), each (n, C, h, w) in the UNet's dtype. cond, uncond: (n, L, dim).
+    A guidance-distilled policy (`guidance_distilled`, FLUX.1-dev) takes the guidance value as an input instead:
+    one call on cond, returned as both halves, so that any CFG combination eps_u + w (eps_c - eps_u) of them is
+    that output exactly (and its gradient reaches the one call)."""
     dtype = next(unet.parameters()).dtype
     n = x.shape[0]
+    if getattr(getattr(unet, "module", unet), "guidance_distilled", False):
+        g = torch.full((n,), float(guidance), device=x.device, dtype=torch.float32)
+        out = unet(x.to(dtype), t.to(x.device).reshape(-1).expand(n), cond.to(dtype), guidance=g).sample
+        return out, out
     x2 = torch.cat([x, x]).to(dtype)
     emb = torch.cat([uncond, cond]).to(dtype)
     t = t.to(x.device).reshape(-1).expand(n)
@@ -213,7 +284,9 @@ def reference_pass(
     r_old = torch.empty((n, T), device=eps_old.device)
     for i, k in reference_rows(n, T, ref_batch_size, batch_size, eps_old.device):
         x, x_prev = latents[i, k], latents[i, k + 1]
-        ref_u, ref_c = cfg_predict(ref_unet, x, sched.timesteps[k], cond[i], uncond.expand(i.numel(), -1, -1))
+        ref_u, ref_c = cfg_predict(
+            ref_unet, x, sched.timesteps[k], cond[i], uncond.expand(i.numel(), -1, -1), guidance_scale
+        )
         eps_ref[i, k] = e_ref = guided_eps(ref_u.float(), ref_c.float(), guidance_scale)
         r_old[i, k] = log_ratio_old(
             eps_old[i, k], e_ref, x, x_prev, sched.a[k], sched.b[k], sched.sigma[k], reduction, impl
@@ -236,12 +309,16 @@ def sample(
     spacing: str = "uniform",
     ref_batch_size: int | None = None,
     policy_is_reference: bool = False,
+    noise_level: float = 0.7,
+    window: tuple[int, int] | None = None,
 ) -> Trajectories:
     """Sample G groups x B images (seeds (G, B)) with the policy `models.unet`.
 
-    prompts: G strings; seeds: (G, B) int64 (`image_seeds`); num_steps: T. Returns Trajectories with
-    latents (G, B, T + 1, C, h, w), eps_old and eps_ref (G, B, T, C, h, w), log_ratio_old (G, B, T)
-    and images (G, B, 3, H, W) in [0, 1].
+    prompts: G strings; seeds: (G, B) int64 (`image_seeds`); num_steps: T; window: the SDE window [start, stop)
+    (None: every step; config.sde_window), T_w = stop - start its steps. Returns Trajectories with latents
+    (G, B, T_w + 1, C, h, w) (x at the window's steps and after its last), eps_old and eps_ref (G, B, T_w, C, h, w),
+    log_ratio_old (G, B, T_w), the window's schedule and images (G, B, 3, H, W) in [0, 1] after all T steps.
+    eta (DDIM) or noise_level (flow): the policy's noise in the window (step_schedule).
 
     batch_size: images per policy UNet call (the CFG batch is twice that). ref_batch_size: (image, step) rows
     per reference UNet call after sampling (`reference_pass`, `reference_rows`); None: the sampling loop's own
@@ -256,15 +333,17 @@ def sample(
         raise ValueError(f"sample: {len(prompts)} prompts for seeds of shape {tuple(seeds.shape)}")
     unet = models.unet
     device = next(unet.parameters()).device
-    cfg = getattr(unet, "module", unet).config  # a DeepSpeed engine wraps the UNet
-    latent_shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
-    sched = step_schedule(models.scheduler, num_steps, eta, spacing).to(device)
+    latent_shape = models.latent_shape
+    full = step_schedule(models.scheduler, num_steps, eta, spacing, noise_level, window).to(device)
     T = num_steps
-    n = G * B
+    start, stop = window or (0, T)
+    sched = full.window(start, stop)
+    n, T_w = G * B, stop - start
     cond_all = models.encode_prompts(list(prompts)).repeat_interleave(B, dim=0)
     uncond = models.encode_prompts([""])
-    latents = torch.empty((n, T + 1, *latent_shape), device=device)
-    eps_old = torch.empty((n, T, *latent_shape), device=device) if with_reference else None
+    latents = torch.empty((n, T_w + 1, *latent_shape), device=device)
+    finals = torch.empty((n, *latent_shape), device=device)
+    eps_old = torch.empty((n, T_w, *latent_shape), device=device) if with_reference else None
     flat_seeds = seeds.reshape(-1).tolist()
     for lo in range(0, n, batch_size):
         idx = slice(lo, min(lo + batch_size, n))
@@ -272,20 +351,23 @@ def sample(
         cond = cond_all[idx]
         unc = uncond.expand(cond.shape[0], -1, -1)
         x = noise[:, 0]
-        latents[idx, 0] = x
         for k in range(T):
-            t, a, b, s = sched.timesteps[k], sched.a[k], sched.b[k], sched.sigma[k]
-            eps_u, eps_c = cfg_predict(unet, x, t, cond, unc)
+            if k == start:
+                latents[idx, 0] = x
+            t, a, b, s = full.timesteps[k], full.a[k], full.b[k], full.sigma[k]
+            eps_u, eps_c = cfg_predict(unet, x, t, cond, unc, guidance_scale)
             eps = guided_eps(eps_u.float(), eps_c.float(), guidance_scale)
-            x_prev = a * x + b * eps + s * noise[:, k + 1]
-            if with_reference:
-                eps_old[idx, k] = eps
-            latents[idx, k + 1] = x_prev
+            x_prev = a * x + b * eps + s * noise[:, k + 1]  # s = 0 outside the window: the deterministic step
+            if with_reference and start <= k < stop:
+                eps_old[idx, k - start] = eps
+            if start <= k < stop:
+                latents[idx, k + 1 - start] = x_prev
             x = x_prev
+        finals[idx] = x
     at_reference = policy_is_reference or models.unet is models.ref_unet
     eps_ref = r_old = None
     if with_reference and at_reference:
-        r_old = torch.zeros((n, T), device=device)
+        r_old = torch.zeros((n, T_w), device=device)
     elif with_reference:
         eps_ref, r_old = reference_pass(
             models.ref_unet,
@@ -300,7 +382,7 @@ def sample(
             reduction,
             impl,
         )
-    images = torch.cat([models.decode(latents[lo : lo + batch_size, -1]) for lo in range(0, n, batch_size)])
+    images = torch.cat([models.decode(finals[lo : lo + batch_size]) for lo in range(0, n, batch_size)])
     shape = lambda t: None if t is None else t.reshape(G, B, *t.shape[1:])  # noqa: E731
     eps_old = shape(eps_old)
     return Trajectories(

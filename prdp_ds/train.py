@@ -26,6 +26,7 @@ from tqdm import tqdm
 from prdp_ds import chunking, rundir
 from prdp_ds import config as config_lib
 from prdp_ds.checkpoint import load_aux_state, load_checkpoint, save_checkpoint
+from prdp_ds.config import sde_window
 from prdp_ds.ddpo import PerPromptStatTracker, advantages, ddpo_step
 from prdp_ds.dpok import ValueFunction, dpok_step
 from prdp_ds.engine import batch_arithmetic, build_ds_config, load_ds_json, make_engine, make_optimizer, run_on_ranks
@@ -156,15 +157,15 @@ class Trainer:
         unet = self.models.unet
         self.value = None
         if cfg.algo.name == "dpok":  # DPOK's learned baseline beside the policy (prdp_ds.dpok), seeded by train.seed
-            u = unet.config
-            size = (u.sample_size, u.sample_size) if isinstance(u.sample_size, int) else tuple(u.sample_size)
-            self.value = ValueFunction(cfg, (u.in_channels, *size), u.cross_attention_dim, device)
+            text_dim = self.models.encode_prompts([""]).shape[-1]
+            self.value = ValueFunction(cfg, self.models.latent_shape, text_dim, device)
         trainable = [q for q in unet.parameters() if q.requires_grad]
         self.engine = make_engine(unet, self.ds_config, make_optimizer(trainable, cfg, on_gpu and not offload))
         self.models.unet = self.engine  # the policy is called through the engine
         self.impl = resolve_impl(cfg.loss.impl, device)
         s = cfg.sampler
-        self.schedule = step_schedule(self.models.scheduler, s.num_steps, s.eta, s.spacing).to(device)
+        full = step_schedule(self.models.scheduler, s.num_steps, s.eta, s.spacing, s.noise_level, sde_window(cfg))
+        self.schedule = full.window(*sde_window(cfg)).to(device)  # the recorded steps' (a, b, sigma)
         self.log = RunLog(output_dir, enabled=rank == 0)
         self.bad_in_a_row = 0
         ddpo = cfg.algo.name == "ddpo"
@@ -238,6 +239,8 @@ class Trainer:
             spacing=s.spacing,
             ref_batch_size=s.ref_batch_size,
             policy_is_reference=policy_is_reference,
+            noise_level=s.noise_level,
+            window=sde_window(cfg),
         )
         G, B = seeds.shape
         try:
@@ -264,6 +267,8 @@ class Trainer:
             self.cfg.sampler.batch_size,
             with_reference=False,
             spacing=self.cfg.sampler.spacing,
+            noise_level=self.cfg.sampler.noise_level,
+            window=sde_window(self.cfg),
         )
         self.log.save_grid(epoch, traj.images)
         try:

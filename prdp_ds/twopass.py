@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
+from prdp_ds.config import recorded_steps
 from prdp_ds.logratio import cfg_step_log_ratio, guided_eps
 from prdp_ds.loss import rdp_diagnostics, rdp_loss
 from prdp_ds.sampler import cfg_predict
@@ -36,7 +37,7 @@ def chunks(cfg, n_images, subset=None):
     """(image slice, step slice) pairs in pass order; their count is the DeepSpeed accumulation. subset: an (n,)
     int64 tensor of the steps to cover (prdp_ds.grpo's step subsets) -> (image slice, step index tensor) pairs."""
     t = cfg.train
-    n_steps = cfg.sampler.num_steps if subset is None else subset.numel()
+    n_steps = recorded_steps(cfg) if subset is None else subset.numel()
     step = (
         (lambda k: slice(k, min(k + t.steps_per_chunk, n_steps)))
         if subset is None
@@ -80,7 +81,7 @@ def _chunk(unet, traj, cond, uncond, images, steps, cfg, impl, against):
     t = sched.timesteps[steps].repeat(ni)
     a, b, sigma = (c[steps].repeat(ni) for c in (sched.a, sched.b, sched.sigma))
     c = cond[images].repeat_interleave(nk, dim=0)
-    eps_u, eps_c = cfg_predict(unet, x_t, t, c, uncond.expand(c.shape[0], -1, -1))
+    eps_u, eps_c = cfg_predict(unet, x_t, t, c, uncond.expand(c.shape[0], -1, -1), cfg.sampler.guidance_scale)
     r = cfg_step_log_ratio(
         eps_u, eps_c, cfg.sampler.guidance_scale, eps_ref, x_t, x_prev, a, b, sigma, cfg.loss.reduction, impl
     )

@@ -15,8 +15,9 @@ import torch
 
 from prdp_ds.config import Config
 from prdp_ds.engine import build_ds_config, make_engine
-from prdp_ds.logratio import guided_eps, step_log_ratio
+from prdp_ds.logratio import guided_eps
 from prdp_ds.models import OpenClipTokenizer
+from prdp_ds.sampler import cfg_predict
 
 REPO = Path(__file__).resolve().parent.parent
 W, T, G, B = 5.0, 4, 2, 3
@@ -50,18 +51,23 @@ def _cfg(steps_per_chunk, images_per_chunk, clip_range):
 
 
 def full_graph_log_ratios(unet, models, traj, against="eps_ref"):
-    """log pi_theta - log pi_{against} (G * B, T), with grad through all T UNet calls of every image."""
+    """log pi_theta - log pi_{against} (G * B, T_w), with grad through all T_w recorded UNet calls of every image
+    (T_w: the trajectory's recorded steps; cfg_predict: the CFG pair, or one call of a guidance-distilled model),
+    in the dtype of the UNet's parameters: docs/design.md §4's formula written out, sum over latent elements."""
     unet.zero_grad(set_to_none=True)
+    dtype = next(unet.parameters()).dtype
     s = traj.schedule
+    n = traj.seeds.numel()
     cond = models.encode_prompts(traj.flat_prompts)
-    uncond = models.encode_prompts([""]).expand(G * B, -1, -1)
-    lat = traj.flat("latents")
+    uncond = models.encode_prompts([""]).expand(n, -1, -1)
+    lat, other = traj.flat("latents").to(dtype), traj.flat(against).to(dtype)
     ratios = []
-    for k in range(T):
+    for k in range(traj.log_ratio_old.shape[2]):
         x = lat[:, k]
-        out = unet(torch.cat([x, x]), s.timesteps[k].expand(2 * G * B), torch.cat([uncond, cond])).sample
-        eps = guided_eps(out[: G * B], out[G * B :], W)
-        ratios.append(step_log_ratio(eps, traj.flat(against)[:, k], x, lat[:, k + 1], s.a[k], s.b[k], s.sigma[k]))
+        eps = guided_eps(*(o.to(dtype) for o in cfg_predict(unet, x, s.timesteps[k].expand(n), cond, uncond, W)), W)
+        a, b, sigma = (c[k].to(dtype) for c in (s.a, s.b, s.sigma))
+        r = b * (eps - other[:, k]) * (2 * lat[:, k + 1] - 2 * a * x - b * (eps + other[:, k]))
+        ratios.append(r.flatten(1).sum(1) / (2 * sigma**2))
     return torch.stack(ratios, dim=1)
 
 

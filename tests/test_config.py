@@ -175,6 +175,9 @@ def test_unknown_preset_and_unreadable_file(tmp_path):
         ("output.sample_every=-1", "output.sample_every: expected at least 0, got -1"),
         ("output.eval_images=0", "output.eval_images: expected at least 1, got 0"),
         ("output.noise_every=-1", "output.noise_every: expected at least 0, got -1"),
+        ("sampler.noise_level=0", "sampler.noise_level: expected a float in (0, 2] (the policy needs s > 0), got 0.0"),
+        ("sampler.sde_steps=-1", "sampler.sde_steps: expected at least 0, got -1"),
+        ("sampler.sde_start=-1", "sampler.sde_start: expected at least 0, got -1"),
         ("reward={}", "reward: expected a non-empty mapping name -> weight or {weight, options}, got {}"),
     ],
 )
@@ -217,6 +220,16 @@ def test_a_value_out_of_range_is_one_line_naming_the_key_the_value_and_the_range
             ["output.eval_prompts=[]"],
             "output.eval_prompts: expected at least one prompt while output.sample_every > 0, got []",
         ),
+        (
+            ["sampler.num_steps=4", "sampler.sde_steps=2", "sampler.sde_start=3"],
+            "sampler.sde_start: expected the SDE window [sde_start, sde_start + sde_steps) inside the 4 steps "
+            "(sde_steps 0 takes every step and needs sde_start 0), got sde_start 3 with sde_steps 2",
+        ),
+        (
+            ["sampler.sde_start=1"],
+            "sampler.sde_start: expected the SDE window [sde_start, sde_start + sde_steps) inside the 10 steps "
+            "(sde_steps 0 takes every step and needs sde_start 0), got sde_start 1 with sde_steps 0",
+        ),
     ],
 )
 def test_a_value_the_other_keys_rule_out_is_one_line_naming_it(texts, line):
@@ -237,6 +250,8 @@ def test_a_value_the_other_keys_rule_out_is_one_line_naming_it(texts, line):
         ["train.memory_margin=0", "train.adam_betas=[0, 0]", "output.save_every=0", "model.lora_rank=0"],
         ["loss.clip_range=1.0e9", "prompts.template='A painting of a {}'"],
         ["train.images_per_prompt=0", "train.images_per_prompt=2"],  # a later --set fixes an earlier value
+        ["sampler.num_steps=4", "sampler.sde_steps=4", "sampler.noise_level=2"],  # the window: every step
+        ["sampler.num_steps=4", "sampler.sde_steps=1", "sampler.sde_start=3"],  # the last step alone
     ],
 )
 def test_edge_values_that_mean_something_resolve(texts):

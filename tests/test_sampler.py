@@ -304,3 +304,125 @@ def test_the_trainer_skips_the_reference_pass_in_a_fresh_runs_first_epoch_only(t
     _one_process_group(monkeypatch)
     train.main([*common, "--set", "train.epochs=3", "--resume", "latest"])
     assert seen == [False]
+
+
+def flow_scheduler(shift):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(shift=shift)
+
+
+def flow_grpo_step_fp64(x, v, sigmas, i, noise_level):
+    """Flow-GRPO's sde_step_with_logprob (flow_grpo/diffusers_patch/sd3_sde_with_logprob.py), transcribed in fp64:
+    -> (mean, std) of x_next."""
+    sigma, sigma_prev, sigma_max = sigmas[i], sigmas[i + 1], sigmas[1]
+    dt = sigma_prev - sigma
+    std_dev_t = (sigma / (1 - (sigma_max if sigma == 1 else sigma))).sqrt() * noise_level
+    mean = x * (1 + std_dev_t**2 / (2 * sigma) * dt) + v * (1 + std_dev_t**2 * (1 - sigma) / (2 * sigma)) * dt
+    return mean, std_dev_t * (-dt).sqrt()
+
+
+@pytest.mark.parametrize("T,shift", [(1, 1.0), (5, 3.0), (10, 3.1), (16, 1.7)])
+def test_flow_sigmas_are_the_pipelines_shifted_sigmas(T, shift):
+    """linspace(1, 1 / T, T) shifted by the scheduler (diffusers' SD3 / FLUX pipelines pass these sigmas), then 0."""
+    import numpy as np
+
+    from prdp_ds.sampler import flow_sigmas
+
+    sched = flow_scheduler(shift)
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / T, T))
+    got = flow_sigmas(sched, T)
+    assert got[0] == 1 and got[-1] == 0 and (got[1:] < got[:-1]).all()
+    torch.testing.assert_close(got.float(), sched.sigmas.float(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("T,shift,a", [(1, 1.0, 0.7), (6, 3.0, 0.7), (9, 3.1, 1.0), (4, 2.0, 0.3)])
+def test_flow_schedule_is_flow_grpos_sde_step_in_fp64(T, shift, a):
+    from prdp_ds.sampler import flow_sigmas, flow_step_schedule
+
+    sched = flow_scheduler(shift)
+    s = flow_step_schedule(sched, T, a)
+    sig = flow_sigmas(sched, T)
+    gen = torch.Generator().manual_seed(T)
+    x, v = torch.randn(2, 3, 5, 7, generator=gen, dtype=torch.float64).unbind(0)
+    for i in range(T):
+        mean, std = flow_grpo_step_fp64(x, v, sig, i, a)
+        torch.testing.assert_close((s.a[i].double() * x + s.b[i].double() * v), mean, rtol=2e-7, atol=1e-7)
+        torch.testing.assert_close(s.sigma[i].double(), std, rtol=2e-7, atol=0.0)
+        assert s.sigma[i] > 0
+    torch.testing.assert_close(s.timesteps, (sig[:-1] * 1000).float())
+
+
+def test_flow_steps_outside_the_sde_window_are_the_euler_ode_step():
+    """a = 0 outside the window: x' = x + dt v, diffusers' FlowMatchEulerDiscreteScheduler.step, and sigma = 0."""
+    import numpy as np
+
+    from prdp_ds.sampler import flow_step_schedule
+
+    T = 6
+    sched = flow_scheduler(3.0)
+    window = flow_step_schedule(sched, T, 0.7, window=(2, 4))
+    every = flow_step_schedule(sched, T, 0.7)
+    assert (window.sigma[[0, 1, 4, 5]] == 0).all() and (window.sigma[2:4] > 0).all()
+    for f in ("a", "b", "sigma", "timesteps"):
+        assert torch.equal(getattr(window, f)[2:4], getattr(every, f)[2:4])
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / T, T))
+    x, v = torch.randn(2, 2, 4, 6, 6, generator=torch.Generator().manual_seed(0)).unbind(0)
+    for i in (0, 1, 4, 5):
+        want = sched.step(v, sched.timesteps[i], x).prev_sample
+        sched._step_index = None  # each call here is one step from its own state
+        torch.testing.assert_close(window.a[i] * x + window.b[i] * v, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("T,shift,a", [(4, 3.0, 0.7), (10, 3.0, 1.0)])
+def test_flow_step_log_ratio_is_the_fp64_log_prob_difference(T, shift, a):
+    """The cancellation-free log-ratio (prdp_ds.logratio) with a flow step's (a, b, sigma): mu_1 - mu_2 = b (v_1 - v_2).
+    Rule: its error against fp64 <= 2x that of the naive fp32 log-prob difference + 1e-6."""
+    from prdp_ds.logratio import step_log_ratio
+    from prdp_ds.sampler import flow_step_schedule
+
+    s = flow_step_schedule(flow_scheduler(shift), T, a)
+    gen = torch.Generator().manual_seed(7)
+    for k in range(T):
+        x, v1, dv, z = torch.randn(4, 3, 16, 5, 5, generator=gen).unbind(0)
+        v2 = v1 + 1e-3 * dv
+        x_next = s.a[k] * x + s.b[k] * v1 + s.sigma[k] * z
+        diff = {}
+        for dt in (torch.float64, torch.float32):
+            c = [t.to(dt) for t in (s.a[k], s.b[k], s.sigma[k], x, x_next)]
+            lp = [gaussian_log_prob(c[4], c[0] * c[3] + c[1] * v.to(dt), c[2]) for v in (v1, v2)]
+            diff[dt] = (lp[0] - lp[1]).double()
+        got = step_log_ratio(v1, v2, x, x_next, s.a[k], s.b[k], s.sigma[k]).double()
+        want, naive = diff[torch.float64], diff[torch.float32]
+        assert ((got - want).abs() <= 2 * (naive - want).abs().max() + 1e-6).all()
+        assert torch.equal(step_log_ratio(v1, v1, x, x_next, s.a[k], s.b[k], s.sigma[k]), torch.zeros(3))
+
+
+def test_ddim_steps_outside_the_sde_window_are_deterministic_ddim_steps(models):
+    """With window [1, 3) of T = 5: steps 0, 3, 4 are DDIM eta = 0 steps (sigma 0); the rollout records x_1 .. x_3,
+    eps_old and r_old at steps 1, 2 and the window's schedule; the images are x_0 after all 5 steps (fp64 loop)."""
+    T, window, prompts, seeds = 5, (1, 3), ["a red fox"], image_seeds(3, 0, [0], 2)
+    traj = sample(models, prompts, seeds, T, W, window=window)
+    full = step_schedule(models.scheduler, T, window=window)
+    every = step_schedule(models.scheduler, T)
+    assert traj.latents.shape[2] == 3 and traj.eps_old.shape[2] == 2 and traj.log_ratio_old.shape == (1, 2, 2)
+    assert torch.equal(traj.schedule.sigma, every.sigma[1:3]) and (full.sigma[[0, 3, 4]] == 0).all()
+    assert traj.log_ratio_old.abs().min() > 0
+    at_ref = sample(models, prompts, seeds, T, W, window=window, policy_is_reference=True)
+    assert torch.equal(at_ref.log_ratio_old, torch.zeros(1, 2, 2)) and torch.equal(at_ref.latents, traj.latents)
+    cond = models.encode_prompts(prompts).expand(2, -1, -1)
+    uncond = models.encode_prompts([""]).expand(2, -1, -1)
+    noise = torch.stack([image_noise(s, T, (4, 8, 8)) for s in seeds.reshape(-1).tolist()]).double()
+    abar = models.scheduler.alphas_cumprod.double()
+    ab = [abar[t] for t in full.timesteps] + [torch.tensor(float(models.scheduler.final_alpha_cumprod)).double()]
+    x = noise[:, 0]
+    with torch.no_grad():
+        for k, t in enumerate(full.timesteps):
+            eu, ec = cfg_predict(models.unet, x.float(), t, cond, uncond)
+            eps = (eu + W * (ec - eu)).double()
+            sigma2 = (1 - ab[k + 1]) / (1 - ab[k]) * (1 - ab[k] / ab[k + 1]) * (window[0] <= k < window[1])
+            x0 = (x - (1 - ab[k]).sqrt() * eps) / ab[k].sqrt()
+            x = ab[k + 1].sqrt() * x0 + (1 - ab[k + 1] - sigma2).sqrt() * eps + sigma2.sqrt() * noise[:, k + 1]
+            if window[0] <= k + 1 <= window[1]:
+                torch.testing.assert_close(traj.latents[0, :, k + 1 - window[0]], x.float(), **TOL)
+    torch.testing.assert_close(traj.images[0], models.decode(x.float()), **TOL)

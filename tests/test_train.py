@@ -439,3 +439,63 @@ def test_baselines_resume_equals_a_straight_run(tmp_path, algo):
     if algo == "dpok":  # and the value function, with its optimizer's state
         va, vb = (load_aux_state(c, "cpu")["net"] for c in ckpt)
         assert all(torch.equal(va[k], vb[k]) for k in va)
+
+
+FLOW = {  # the flow SDE policy families, FLUX with an SDE window (its last step the ODE's)
+    "tiny_sd3": ["--set", "model.pretrained=tiny_sd3"],
+    "tiny_flux": ["--set", "model.pretrained=tiny_flux", "--set", "sampler.sde_steps=2"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,ds_config", [("tiny_sd3", "zero2"), ("tiny_flux", "zero3")])
+def test_flow_models_train_the_same_on_one_and_two_ranks(tmp_path, family, ds_config):
+    """SD3's and FLUX's transformers through the trainer: 1 and 2 ranks take the same steps (the UNet test's rule)."""
+    for ranks in (1, 2):
+        args = ["--output-dir", str(tmp_path / f"r{ranks}"), "--config", str(REPO / "ds_configs" / f"{ds_config}.json")]
+        args += ["--set", "train.epochs=1", *SMALL, *FLOW[family], "--set", "train.adam_eps=1e-3"]
+        run(args, ranks, threads=1)
+    p1, p2 = (unet_params(tmp_path / f"r{r}" / "checkpoints" / "epoch_0000") for r in (1, 2))
+    from prdp_ds.models import load_models
+
+    base = load_models(family).unet.state_dict()
+    assert max((p1[k] - base[k]).abs().max().item() for k in p1) > 1e-5, "training should move the parameters"
+    for k in p1:
+        torch.testing.assert_close(p2[k], p1[k], rtol=0, atol=0.01 * 3e-4)
+    m1, m2 = metrics(tmp_path / "r1")[0], metrics(tmp_path / "r2")[0]
+    assert m1["logratio_noise_max"] == 0 and len(m1["logratio_noise_rms_per_step"]) == (2 if "flux" in family else 3)
+    for key in ("reward_mean", "loss", "kl", "clip_frac", "grad_norm"):
+        assert m2[key] == pytest.approx(m1[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "family,algo", [("tiny_sd3", "prdp"), ("tiny_flux", "ddpo"), ("tiny_flux", "grpo"), ("tiny_sd3", "dpok")]
+)
+def test_flow_models_resume_equals_a_straight_run_for_every_algorithm(tmp_path, family, algo):
+    common = [*SMALL, *FLOW[family], "--set", f"algo.name={algo}", *BASELINES.get(algo, [])]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run(["--output-dir", str(straight), "--set", "train.epochs=2", *common])
+    run(["--output-dir", str(split), "--set", "train.epochs=1", *common])
+    run(["--output-dir", str(split), "--set", "train.epochs=2", "--resume", "latest", *common])
+    a, b = metrics(straight), metrics(split)
+    assert [{k: v for k, v in r.items() if k not in TIMING} for r in a] == [
+        {k: v for k, v in r.items() if k not in TIMING} for r in b
+    ]
+    pa, pb = (unet_params(d / "checkpoints" / "epoch_0001") for d in (straight, split))
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert all(math.isfinite(r["loss"]) for r in a) and a[1]["kl"] != 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(FLOW))
+def test_flow_lora_on_zero3_starts_at_the_reference_and_saves_only_adapters(tmp_path, family):
+    out = tmp_path / family
+    lora = ["--set", "model.lora_rank=2", "--set", "train.lr=0.01", "--set", "train.steps_per_epoch=1"]
+    run(["--output-dir", str(out), "--config", str(REPO / "ds_configs" / "zero3.json"), *SMALL, *FLOW[family],
+         "--set", "train.epochs=2", *lora])  # fmt: skip
+    rows = metrics(out)
+    assert rows[0]["kl"] == 0.0 and rows[0]["clip_frac"] == 0.0  # step 1 of epoch 0: theta = ref exactly
+    assert rows[1]["kl"] != 0.0  # the adapters moved
+    ckpt = out / "checkpoints" / "epoch_0001"
+    assert (ckpt / "unet_lora" / "pytorch_lora_weights.safetensors").is_file() and not (ckpt / "unet").exists()

@@ -8,12 +8,12 @@ from helpers import B, G, RecordingSGD, T, _cfg, _engine, _rel, full_graph_log_r
 
 from prdp_ds.engine import build_ds_config, make_engine
 from prdp_ds.loss import rdp_loss
-from prdp_ds.twopass import prdp_step
+from prdp_ds.twopass import policy_log_ratios, prdp_step
 
 
 def full_graph_grad(unet, models, traj, rewards, cfg):
     """Autograd through all T UNet calls of every image, the loss of docs/design.md §5, one backward."""
-    r = full_graph_log_ratios(unet, models, traj).reshape(G, B, T)
+    r = full_graph_log_ratios(unet, models, traj).reshape(traj.log_ratio_old.shape)
     rdp_loss(r, traj.log_ratio_old, rewards, cfg.loss.clip_range, cfg.loss.kl_weight).backward()
     return torch.cat([p.grad.flatten() for p in unet.parameters()])
 
@@ -169,3 +169,54 @@ def test_non_finite_gradient_skips_the_step(world, rollout, stage, bf16):
 
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
         assert all(torch.equal(a.to(p.dtype), p) for a, p in zip(before, engine.module.parameters()))
+
+
+MOVE = 1e-4  # the largest parameter change of an optimizer step
+
+
+def _moved(models, scale=0.02, seed=2):
+    """`models` with the policy moved away from its reference (seeded)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in models.unet.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+    return models
+
+
+@pytest.mark.parametrize(
+    "family,window",
+    [("tiny", (1, 3)), ("tiny_sd3", None), ("tiny_sd3", (0, 3)), ("tiny_flux", None), ("tiny_flux", (1, 2))],
+)
+def test_two_pass_equals_full_graph_for_each_policy_family_and_sde_window(family, window):
+    """The same exactness for the flow SDE policy (SD3's CFG pair, FLUX's distilled guidance: one call) and for an
+    SDE window: only the window's steps are recorded and trained, the loss's step mean is over them."""
+    from prdp_ds.models import load_models
+    from prdp_ds.sampler import image_seeds, sample
+
+    models = _moved(load_models(family))
+    traj = sample(models, ["a cat", "a red fox"], image_seeds(0, 0, [0, 1], B), T, 5.0, window=window)
+    rewards = torch.tensor([[0.30, 0.10, 0.20], [0.05, 0.25, 0.15]])
+    cfg = _cfg(2, 4, clip_range=0.5)
+    if window is not None:
+        cfg.sampler.sde_start, cfg.sampler.sde_steps = window[0], window[1] - window[0]
+    assert traj.log_ratio_old.shape == (G, B, (window or (0, T))[1] - (window or (0, T))[0])
+    assert traj.log_ratio_old.abs().min() > 0
+    engine, opt = _engine(models, cfg, lr=None, max_change=MOVE)  # no parameter moves more than MOVE
+    ref = copy.deepcopy(models.unet)
+    cond, uncond = models.encode_prompts(traj.flat_prompts), models.encode_prompts([""])
+    for k in range(2):
+        stats = prdp_step(engine, traj, rewards, cond, uncond, cfg, "torch", first_step=k == 0)
+        assert "skipped" not in stats
+        exact = full_graph_grad(copy.deepcopy(ref).double(), models, traj, rewards.double(), cfg).double()
+        fp32 = full_graph_grad(ref, models, traj, rewards, cfg).double()
+        got = opt.seen[k][: fp32.numel()].double()
+        # rule: the two-pass error <= 2x the fp32 full graph's + 1e-6 (relative to the gradient's norm)
+        assert (got - exact).norm() <= 2 * (fp32 - exact).norm() + 1e-6 * exact.norm(), f"step {k}"
+        with torch.no_grad():  # the engine's step size, on the full graph's gradient
+            for p in ref.parameters():
+                p.add_(p.grad, alpha=-MOVE / got.abs().max().item())
+        moved = (policy_log_ratios(engine, traj, cond, uncond, cfg, "torch") - traj.log_ratio_old).abs()
+        d = moved.flatten().sort().values
+        m = d.numel() // 2  # the second step clips about half the ratios; no ratio near the clip's kink
+        cfg.loss.clip_range = (d[m - 1] + d[m]).item() / 2
+    assert 0 < stats["clip_frac"] < 1, "the clip should be active on the second step, on some of the ratios"

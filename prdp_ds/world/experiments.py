@@ -89,8 +89,8 @@ EXPERIMENTS = {
         sample_efficiency=True,
     ),
     "E2": Experiment(
-        "large scale: world_large, seen and unseen prompts; DDPO with and without per-prompt normalization, GRPO, DPOK "
-        "(paper Table 2, Fig. 9)",
+        "large scale at the demo's compute: 32 world_large prompts x 4 images per epoch, seen and unseen prompts; "
+        "DDPO with and without per-prompt normalization, GRPO, DPOK (paper Table 2, Fig. 9)",
         "PRDP trains stably at large scale and generalizes to unseen prompts; DDPO falls behind, and "
         "without per-prompt normalization it does worse.",
         {
@@ -98,9 +98,10 @@ EXPERIMENTS = {
             "ddpo": ("world_large", DDPO),
             "ddpo_no_norm": ("world_large", DDPO + ["ddpo.per_prompt_norm=false"]),
             "grpo": ("world_large", ["algo.name=grpo"]),
-            "dpok": ("world_large", ["algo.name=dpok", "dpok.value_updates=5"]),  # 32 images per epoch / 6
+            "dpok": ("world_large", DPOK),
         },
         ("world_seen", "world_unseen"),
+        samples=16,
     ),
     "E3": Experiment(
         "KL regularization against reward hacking at the demo's settings: the image-only aesthetic reward, PRDP "

@@ -12,6 +12,11 @@ the UNet is also 4x cheaper per call there.
 Weights (from `python -m prdp_ds.world.pretrain`) live in prdp_ds/world/weights as safetensors
 (stored in fp16 to keep the folder small, loaded as fp32); `build_world_models()` loads them when
 present, `build_world_models(weights=False)` gives seeded random weights.
+
+The flow-matching world (`world_flow`, `build_world_flow_models`): the same UNet, text encoder and latent space
+trained as a rectified flow (`pretrain --objective flow`: x_sigma = (1 - sigma) x0 + sigma eps, the UNet predicts
+v = eps - x0 at time sigma * 1000), with a FlowMatchEulerDiscreteScheduler (shift 1): the sampler's flow SDE policy
+(Flow-GRPO) instead of DDIM. Its weights live in prdp_ds/world/weights_flow.
 """
 
 import json
@@ -34,6 +39,8 @@ from prdp_ds.models import (
 from prdp_ds.world.scenes import RES
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
+FLOW_WEIGHTS_DIR = Path(__file__).parent / "weights_flow"
+FLOW_SCHEDULER = dict(num_train_timesteps=1000, shift=1.0)  # 16x16 latents: no resolution shift
 CONTEXT_LENGTH = 24
 TEXT_DIM = 32
 # DDPM's linear schedule (beta 1e-4 .. 0.02, the usual one for 32x32 pixel diffusion): its last
@@ -141,15 +148,24 @@ def load_parts(weights):
     return unet, text_encoder
 
 
-def build_world_models(weights=None, seed=0, reference=True):
-    """prdp_ds.models.Models for the world.
+def world_scheduler(flow=False):
+    """The world's DDIM scheduler (SCHEDULER), or with flow=True its rectified-flow one (FLOW_SCHEDULER)."""
+    if flow:
+        from diffusers import FlowMatchEulerDiscreteScheduler
 
-    weights: a folder with unet/text_encoder safetensors; None -> the shipped prdp_ds/world/weights;
+        return FlowMatchEulerDiscreteScheduler(**FLOW_SCHEDULER)
+    return make_scheduler(SCHEDULER)
+
+
+def build_world_models(weights=None, seed=0, reference=True, flow=False):
+    """prdp_ds.models.Models for the world (flow=True: the flow-matching world).
+
+    weights: a folder with unet/text_encoder safetensors; None -> the shipped prdp_ds/world/weights (weights_flow);
     False -> seeded random weights (seed). reference=False: no reference UNet (ref_unet None)."""
     if weights is False:
         unet, text_encoder = new_parts(seed)
     else:
-        unet, text_encoder = load_parts(WEIGHTS_DIR if weights is None else weights)
+        unet, text_encoder = load_parts((FLOW_WEIGHTS_DIR if flow else WEIGHTS_DIR) if weights is None else weights)
     unet.train()
     return Models(
         unet=unet,
@@ -157,12 +173,18 @@ def build_world_models(weights=None, seed=0, reference=True):
         vae=_freeze(PooledVAE()),
         text_encoder=_freeze(text_encoder),
         tokenizer=OpenClipTokenizer(CONTEXT_LENGTH),
-        scheduler=make_scheduler(SCHEDULER),
+        scheduler=world_scheduler(flow),
     )
 
 
-def config_dict():
-    return {"unet": UNET, "text_encoder": TEXT, "context_length": CONTEXT_LENGTH, "scheduler": SCHEDULER}
+def build_world_flow_models(weights=None, seed=0, reference=True):
+    """The flow-matching world (model.pretrained 'world_flow'): build_world_models with flow=True."""
+    return build_world_models(weights, seed, reference, flow=True)
+
+
+def config_dict(flow=False):
+    scheduler = FLOW_SCHEDULER if flow else SCHEDULER
+    return {"unet": UNET, "text_encoder": TEXT, "context_length": CONTEXT_LENGTH, "scheduler": scheduler}
 
 
 def count_params(module):

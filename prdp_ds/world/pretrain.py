@@ -1,6 +1,7 @@
 """Pretrain the world's base model (UNet + text encoder jointly) on freshly generated scenes.
 
     python -m prdp_ds.world.pretrain --out prdp_ds/world/weights --minutes 30 --seed 0
+    python -m prdp_ds.world.pretrain --out prdp_ds/world/weights_flow --minutes 30 --seed 0 --objective flow
 
 Epsilon-prediction diffusion loss on the scenes' latents (model.PooledVAE.encode), mixing two means of the
 per-sample eps-MSE: (1 - plain_share) x its mean weighted by w(t) = clamp(1 / snr(t), 1, high_noise_weight) plus
@@ -12,6 +13,11 @@ runs that showed both: prdp_ds/world/weights/README.md). Classifier-free guidanc
 (an empty caption 10% of the time), AdamW with warmup and a cosine decay over the budget (minutes or
 steps), EMA weights (saved). Writes unet/text_encoder safetensors (fp16), training.json (command,
 seed, steps, losses, date, machine), README.md and loss.png into --out.
+
+--objective flow trains the flow-matching world instead (prdp_ds.world.model, `world_flow`): sigma ~ U(0, 1),
+x_sigma = (1 - sigma) x0 + sigma eps, the UNet at time sigma * 1000 regresses the velocity v = eps - x0 (plain
+MSE: at high noise v's error is x0's, so the early decisions need no reweighting), with the same captions, dropout,
+optimizer, schedule and EMA.
 """
 
 import argparse
@@ -42,6 +48,8 @@ from prdp_ds.world.model import (
     save_parts,
 )
 
+OBJECTIVES = ("eps", "flow")
+
 
 def lr_at(progress, step, base_lr, warmup):
     return base_lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
@@ -70,6 +78,7 @@ def train(
     unet_overrides=None,
     init=None,
     plain_share=0.5,
+    objective="eps",
 ):
     """Train; returns a dict with the per-step losses and the (EMA) unet and text encoder.
     Stops at `steps` or after `minutes` of wall time, whichever comes first (at least one is needed).
@@ -77,7 +86,10 @@ def train(
     init: a weights folder to continue from (its EMA weights; fresh optimizer state).
     high_noise_weight: the cap of the loss weight clamp(1 / snr(t), 1, cap); 1 gives the plain eps-MSE.
     plain_share: the plain eps-MSE's share of the loss (mixed_loss), in [0, 1].
-    losses: the plain (unweighted) eps-MSE per step, comparable across weightings."""
+    objective: 'eps' (the DDIM world) or 'flow' (the flow-matching world: the velocity MSE, no weighting).
+    losses: the plain (unweighted) eps-MSE (or v-MSE) per step, comparable across weightings."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"pretrain: objective must be one of {OBJECTIVES}, got {objective!r}")
     if high_noise_weight < 1:
         raise ValueError(f"pretrain: high_noise_weight must be >= 1, got {high_noise_weight}")
     if not 0 <= plain_share <= 1:
@@ -118,14 +130,21 @@ def train(
         drop = torch.rand(batch_size, generator=g) < cfg_dropout
         caps = ["" if d else c for c, d in zip(caps, drop.tolist())]
         x0 = PooledVAE.encode(images)
-        t = torch.randint(0, T, (batch_size,), generator=g)
-        noise = torch.randn(x0.shape, generator=g)
-        a = abar[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         emb = text_encoder(tokenizer(caps))[0]
-        pred = unet(xt, t, emb).sample
-        mse = (pred - noise).pow(2).mean(dim=(1, 2, 3))  # (batch,)
-        loss = mixed_loss(mse, weight_t[t], plain_share)
+        if objective == "flow":
+            sigma = torch.rand(batch_size, generator=g)
+            noise = torch.randn(x0.shape, generator=g)
+            s = sigma.view(-1, 1, 1, 1)
+            pred = unet((1 - s) * x0 + s * noise, sigma * 1000, emb).sample
+            mse = (pred - (noise - x0)).pow(2).mean(dim=(1, 2, 3))  # (batch,)
+            loss = mse.mean()
+        else:
+            t = torch.randint(0, T, (batch_size,), generator=g)
+            noise = torch.randn(x0.shape, generator=g)
+            a = abar[t].view(-1, 1, 1, 1)
+            pred = unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, emb).sample
+            mse = (pred - noise).pow(2).mean(dim=(1, 2, 3))  # (batch,)
+            loss = mixed_loss(mse, weight_t[t], plain_share)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -160,11 +179,13 @@ def train(
                 cfg_dropout=cfg_dropout,
                 high_noise_weight=high_noise_weight,
                 plain_share=plain_share,
+                objective=objective,
                 minutes=minutes,
                 max_steps=steps,
                 init=None if init is None else str(init),
             ),
             command,
+            flow=objective == "flow",
         )
     return result
 
@@ -179,7 +200,7 @@ def smooth(values, window):
     return out
 
 
-def write_outputs(out, result, settings, command):
+def write_outputs(out, result, settings, command, flow=False):
     out = Path(out)
     save_parts(out, result["unet"], result["text_encoder"])
     losses = result["losses"]
@@ -201,7 +222,7 @@ def write_outputs(out, result, settings, command):
             torch_threads=torch.get_num_threads(),
         ),
         params=dict(unet=count_params(result["unet"]), text_encoder=count_params(result["text_encoder"])),
-        config=config_dict(),
+        config=config_dict(flow),
         weights="EMA weights, stored as fp16 safetensors",
         losses=[round(x, 5) for x in losses],
     )
@@ -217,7 +238,7 @@ def write_outputs(out, result, settings, command):
         ax.plot(smooth(losses, 50), lw=1.5, label="mean of 50")
         ax.set_yscale("log")
         ax.set_xlabel("step")
-        ax.set_ylabel("epsilon MSE")
+        ax.set_ylabel("velocity MSE" if flow else "epsilon MSE")
         ax.set_title(f"world pretraining: {result['steps']} steps, {result['wall_s'] / 60:.1f} min")
         ax.legend()
         fig.tight_layout()
@@ -259,6 +280,9 @@ def main(argv=None):
         help="torch CPU threads (1 is fastest on a shared 2-core machine: spin-waiting threads contend)",
     )
     p.add_argument("--init", help="continue from this weights folder (fresh optimizer)")
+    p.add_argument(
+        "--objective", default="eps", choices=OBJECTIVES, help="eps: the DDIM world; flow: the flow-matching world"
+    )
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -276,6 +300,7 @@ def main(argv=None):
         plain_share=args.plain_share,
         progress=not args.no_progress,
         init=args.init,
+        objective=args.objective,
     )
     tail = result["losses"][-min(200, len(result["losses"])) :]
     print(
