@@ -11,6 +11,8 @@
 #   step   the SD1.4-size train-step benchmark, two-pass with the kernels, T = 50 (one cold run) and
 #          T = 10 (warm: second of two runs); peak memory against T
 #   naive  the same benchmark's full-graph method (largest T that fits)
+#   flow   the train-step benchmark at SD3.5-medium and FLUX.1-dev size (random weights; FLUX with LoRA rank 64),
+#          two-pass with the kernels, T = 10 (Flow-GRPO's training T for SD3.5-M), 512 px, warm (second of two runs)
 #
 #   [STAGES="tests world"] [WORLD_SECONDS=150] bash benchmarks/gpu_checks.sh OUT_DIR
 #
@@ -18,13 +20,15 @@
 #   environment ~15 (nvidia-smi, imports) + tests 60 (34.6 measured on an H200) + epoch 500 = 575.
 # Not in the default (each its own loan or what is left of one): world 2 x WORLD_SECONDS + 90 (390 at the
 # default 150: alone it would take most of a loan, and it measures training dynamics, not speed), loss 130,
-# step 2 x 120 and naive 150 (train_step.py: single steps and the full-graph comparison; epoch supersedes step).
+# step 2 x 120 and naive 150 (train_step.py: single steps and the full-graph comparison; epoch supersedes step),
+# flow 180 (SD3.5-M) + 300 (FLUX) = 480 (with the machine's start, one 10-minute loan alone).
 # Without nvidia-smi (a CPU machine) this is a rehearsal: the default stages are "epoch" only, which runs
-# epoch.py's CPU plan on the tiny UNet (about a minute on 2 cores).
+# epoch.py's CPU plan on the tiny UNet (about a minute on 2 cores); "flow" runs train_step.py on tiny_sd3 and
+# tiny_flux at T = 2 instead (120 each).
 #
 # Writes OUT_DIR/all.log (everything printed), epoch.json, loss_kernel.json, train_step_T50.json,
-# train_step_T10.json, train_step_naive.json and world_gpu.tar.gz (the two runs' configs, metrics and sample
-# grids, and the evaluation; no checkpoints), each from its stage. Each world run trains for WORLD_SECONDS and
+# train_step_T10.json, train_step_naive.json, train_step_sd35m.json, train_step_flux.json and world_gpu.tar.gz (the
+# two runs' configs, metrics and sample grids, and the evaluation; no checkpoints), each from its stage. Each world run trains for WORLD_SECONDS and
 # is then stopped by SIGTERM, on which the trainer checkpoints and exits.
 set -u
 OUT=${1:?usage: bash benchmarks/gpu_checks.sh OUT_DIR}
@@ -114,5 +118,20 @@ fi
 if wants naive; then
     stage "train-step benchmark, SD1.4 UNet, full-graph backprop (largest T that fits)"
     timeout 150 $PY benchmarks/train_step.py --unet sd14 --methods naive --json "$OUT/train_step_naive.json"
+fi
+
+if wants flow; then
+    for family in "sd35m tiny_sd3 180" "flux tiny_flux 300"; do
+        read -r full tiny limit <<< "$family"
+        if ((GPU)); then
+            stage "train-step benchmark, $full at full size (random weights), two-pass with the kernels, T = 10"
+            timeout -k 10 "$limit" $PY benchmarks/train_step.py --unet "$full" --T 10 --methods triton --repeats 2 \
+                --json "$OUT/train_step_$full.json"
+        else
+            stage "train-step rehearsal on the CPU: $tiny for $full, T = 2"
+            timeout -k 10 120 $PY benchmarks/train_step.py --unet "$tiny" --T 2 --methods triton --repeats 1 \
+                --json "$OUT/train_step_$full.json"
+        fi
+    done
 fi
 stage "done"

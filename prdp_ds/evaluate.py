@@ -277,7 +277,7 @@ def check_model(name, path, base):
     where = f"--model {name} ({path})"
     if not is_flow(base.scheduler):
         return check_parts(cfg, base.vae.config, base.text_encoder.config, where)
-    want = {k: base.unet.config[k] for k in SHAPE_KEYS if k in base.unet.config}
+    want = {k: base.unet.config[k] for k in SHAPE_KEYS if base.unet.config.get(k) is not None}
     bad = [f"{k} {cfg.get(k)!r} (the base's {v!r})" for k, v in want.items() if cfg.get(k) != v]
     if bad:
         raise ModelLoadError(f"{where}: does not fit the base model {base.unet.__class__.__name__}: " + ", ".join(bad))

@@ -187,3 +187,29 @@ def test_a_lora_checkpoint_loads_onto_the_base(tmp_path):
     res = run_eval(tmp_path / "out", "--model", f"lora={tmp_path / 'ckpt'}", "--max-prompts", "4")
     assert res["settings"]["models"]["lora"]["kind"] == "lora"
     assert res["results"]["lora"] == res["results"]["base"]
+
+
+@pytest.mark.parametrize("family", ["tiny_sd3", "tiny_flux"])
+def test_a_flow_checkpoint_is_evaluated_on_its_base_with_the_sde_window(tmp_path, family):
+    """A finetuned transformer loads as the base's class (FLUX's latent side from the base); equal weights give equal
+    numbers, moved ones differ; a UNet folder against a flow base is refused, naming the model."""
+    from prdp_ds.models import load_models
+
+    policy = load_models(family).unet
+    policy.save_pretrained(str(tmp_path / "same"), safe_serialization=True)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * p.std() * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    policy.save_pretrained(str(tmp_path / "moved"), safe_serialization=True)
+    flow = ["--base", family, "--sde-steps", "2", "--sde-start", "1", "--max-prompts", "4"]
+    res = run_eval(
+        tmp_path / "out", *flow, "--model", f"same={tmp_path / 'same'}", "--model", f"moved={tmp_path / 'moved'}"
+    )
+    assert res["settings"]["sde_steps"] == 2 and res["settings"]["sde_start"] == 1
+    r = res["results"]
+    assert r["same"] == r["base"] and r["moved"]["animals"]["total"]["mean"] != r["base"]["animals"]["total"]["mean"]
+    build_tiny(0).unet.save_pretrained(str(tmp_path / "unet"), safe_serialization=True)
+    with pytest.raises(
+        SystemExit, match=r"--model unet .*does not fit the base model .*in_channels 4 \(the base's (16|64)\)"
+    ):
+        run_eval(tmp_path / "bad", *flow, "--model", f"unet={tmp_path / 'unet'}")

@@ -88,3 +88,16 @@ def test_noise_device_is_recorded_and_a_dataset_is_completed_only_on_its_device_
     OfflineDataset(tmp_path, meta, 0).check_meta(sampling=True)
     with pytest.raises(ValueError, match="noise_device: 'cpu' there, 'cuda' now"):
         OfflineDataset(tmp_path, {**meta, "noise_device": "cuda"}, 0).check_meta(sampling=True)
+
+
+@pytest.mark.slow
+def test_offline_trains_a_flow_model_with_an_sde_window_and_records_the_window(tmp_path):
+    out = tmp_path / "run"
+    flux = ["--set", "model.pretrained=tiny_flux", "--set", "sampler.sde_steps=2", "--set", "sampler.sde_start=1"]
+    run(["--output-dir", str(out), *OFFLINE, *flux])
+    meta = json.loads((out / "offline" / "meta.json").read_text())
+    assert meta["sampler.sde_steps"] == 2 and meta["sampler.sde_start"] == 1 and "sampler.noise_level" not in meta
+    first = load_file(str(out / "offline" / "epoch_0000_rank0.safetensors"))
+    assert first["latents"].shape[2] == 3 and first["log_ratio_old"].shape[2] == 2  # the window's 2 steps
+    rows = metrics(out)
+    assert [r["steps_applied"] for r in rows] == [2, 2, 2] and rows[1]["kl"] != 0.0

@@ -184,12 +184,20 @@ def _moved(models, scale=0.02, seed=2):
 
 
 @pytest.mark.parametrize(
-    "family,window",
-    [("tiny", (1, 3)), ("tiny_sd3", None), ("tiny_sd3", (0, 3)), ("tiny_flux", None), ("tiny_flux", (1, 2))],
+    "family,window,impl",
+    [
+        ("tiny", (1, 3), "torch"),
+        ("tiny_sd3", None, "torch"),
+        ("tiny_sd3", (0, 3), "triton"),
+        ("tiny_flux", None, "torch"),
+        ("tiny_flux", (1, 2), "torch"),
+        ("tiny_flux", (0, 4), "triton"),
+    ],
 )
-def test_two_pass_equals_full_graph_for_each_policy_family_and_sde_window(family, window):
-    """The same exactness for the flow SDE policy (SD3's CFG pair, FLUX's distilled guidance: one call) and for an
-    SDE window: only the window's steps are recorded and trained, the loss's step mean is over them."""
+def test_two_pass_equals_full_graph_for_each_policy_family_and_sde_window(family, window, impl):
+    """The same exactness for the flow SDE policy (SD3's CFG pair, FLUX's distilled guidance: one call returned as
+    both halves, through the torch path and the fused kernel) and for an SDE window: only the window's steps are
+    recorded and trained, the loss's step mean is over them."""
     from prdp_ds.models import load_models
     from prdp_ds.sampler import image_seeds, sample
 
@@ -205,7 +213,7 @@ def test_two_pass_equals_full_graph_for_each_policy_family_and_sde_window(family
     ref = copy.deepcopy(models.unet)
     cond, uncond = models.encode_prompts(traj.flat_prompts), models.encode_prompts([""])
     for k in range(2):
-        stats = prdp_step(engine, traj, rewards, cond, uncond, cfg, "torch", first_step=k == 0)
+        stats = prdp_step(engine, traj, rewards, cond, uncond, cfg, impl, first_step=k == 0)
         assert "skipped" not in stats
         exact = full_graph_grad(copy.deepcopy(ref).double(), models, traj, rewards.double(), cfg).double()
         fp32 = full_graph_grad(ref, models, traj, rewards, cfg).double()

@@ -85,7 +85,8 @@ def test_caption_parse_round_trip():
         scenes.parse_caption("a photo of a cat")
 
 
-def test_pretrain_loss_falls(tmp_path):
+@pytest.mark.parametrize("objective", ["eps", "flow"])
+def test_pretrain_loss_falls(tmp_path, objective):
     from prdp_ds.world.pretrain import train
 
     result = train(
@@ -97,6 +98,7 @@ def test_pretrain_loss_falls(tmp_path):
         warmup=5,
         progress=False,
         unet_overrides=dict(block_out_channels=(16, 16, 32)),
+        objective=objective,
     )  # the same loop, a narrower UNet
     losses = result["losses"]
     assert len(losses) == 20 and all(torch.isfinite(torch.tensor(losses)))
@@ -114,6 +116,7 @@ def test_pretrain_loss_falls(tmp_path):
         (dict(high_noise_weight=0.5), "high_noise_weight must be >= 1, got 0.5"),
         (dict(plain_share=-0.1), r"plain_share must be in \[0, 1\], got -0.1"),
         (dict(plain_share=1.5), r"plain_share must be in \[0, 1\], got 1.5"),
+        (dict(objective="v"), r"objective must be one of \('eps', 'flow'\), got 'v'"),
     ],
 )
 def test_pretrain_refuses_bad_loss_settings(kwargs, message):

@@ -125,6 +125,13 @@ EXPERIMENTS = {
         ("world_demo",),
         samples=64,
     ),
+    "F1": Experiment(
+        "the flow-matching world: PRDP on world_flow (Flow-GRPO's SDE policy) at the demo's settings vs its base",
+        "PRDP raises the judged accuracy of a flow-matching model, as it does for the DDIM world (E1).",
+        {"prdp": ("demo_flow", [])},
+        ("world_demo",),
+        samples=64,
+    ),
     "E5": Experiment(
         "the proximal clip at the demo's settings: PRDP with and without it on world_demo (paper Table 5)",
         "Removing the proximal clip lowers the reward (training is less stable).",

@@ -1,7 +1,7 @@
 """Pretrain the world's base model (UNet + text encoder jointly) on freshly generated scenes.
 
     python -m prdp_ds.world.pretrain --out prdp_ds/world/weights --minutes 30 --seed 0
-    python -m prdp_ds.world.pretrain --out prdp_ds/world/weights_flow --minutes 30 --seed 0 --objective flow
+    python -m prdp_ds.world.pretrain --out prdp_ds/world/weights_flow --steps 7254 --seed 0 --objective flow
 
 Epsilon-prediction diffusion loss on the scenes' latents (model.PooledVAE.encode), mixing two means of the
 per-sample eps-MSE: (1 - plain_share) x its mean weighted by w(t) = clamp(1 / snr(t), 1, high_noise_weight) plus

@@ -2,6 +2,8 @@
 
     python -m prdp_ds.world.samples --weights prdp_ds/world/weights --prompts world_small \
         --seeds 4 --num-steps 20 --guidance 1 3 5 --out prdp_ds/world/weights/samples.png
+    python -m prdp_ds.world.samples --flow --prompts world_small --seeds 4 --num-steps 10 --guidance 1 3 5 \
+        --out prdp_ds/world/weights_flow/samples.png       (the flow-matching world, its SDE sampler)
 
 Rows = prompts, columns = seeds (one block of columns per guidance scale, the ground-truth render of
 the prompt first). Prints and records (samples.json beside the PNG) per guidance scale: the judge's
@@ -49,11 +51,13 @@ def main(argv=None):
     p.add_argument("--guidance", type=float, nargs="+", default=[3.0])
     p.add_argument("--eta", type=float, default=1.0)
     p.add_argument("--spacing", default="uniform", choices=SPACINGS, help="DDIM timestep spacing")
+    p.add_argument("--flow", action="store_true", help="the flow-matching world (weights_flow, flow SDE sampler)")
+    p.add_argument("--noise-level", type=float, default=0.7, help="the flow SDE's noise level (with --flow)")
     p.add_argument("--out", required=True)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    models = build_world_models(False if args.weights == "random" else args.weights)
+    models = build_world_models(False if args.weights == "random" else args.weights, flow=args.flow)
     models.unet.eval()
     classifier = load_classifier()
     prompts = list(load_prompts(args.prompts).prompts)
@@ -74,6 +78,7 @@ def main(argv=None):
                 batch_size=32,
                 with_reference=False,
                 spacing=args.spacing,
+                noise_level=args.noise_level,
             )
         images = traj.images  # (G, B, 3, H, W)
         flat = images.reshape(G * B, *images.shape[2:])
@@ -95,6 +100,7 @@ def main(argv=None):
         num_steps=args.num_steps,
         spacing=args.spacing,
         eta=args.eta,
+        **({"flow": True, "noise_level": args.noise_level} if args.flow else {}),
         layout=f"rows = prompts; columns: ground-truth render, then per guidance scale a white column and {B} samples",
         guidance=args.guidance,
         results=results,
