@@ -135,22 +135,37 @@ def adapter_state_dict(unet, adapter_name=ADAPTER_NAME):
     return {k: v.detach().cpu().contiguous() for k, v in convert_state_dict_to_diffusers(state).items()}
 
 
+def lora_format(module):
+    """(diffusers pipeline class, key prefix) whose LoRA format holds `module`'s adapters: StableDiffusionPipeline
+    and 'unet' for a UNet, StableDiffusion3Pipeline / FluxPipeline and 'transformer' for their transformers."""
+    import diffusers
+
+    for base, pipeline, prefix in (
+        ("SD3Transformer2DModel", "StableDiffusion3Pipeline", "transformer"),
+        ("FluxTransformer2DModel", "FluxPipeline", "transformer"),
+    ):
+        if isinstance(module, getattr(diffusers, base)):
+            return getattr(diffusers, pipeline), prefix
+    return diffusers.StableDiffusionPipeline, "unet"
+
+
 def save_adapter(unet, directory, adapter_name=ADAPTER_NAME):
     """Write `directory/pytorch_lora_weights.safetensors` (diffusers LoRA format, LoraConfig in the metadata)
-    so that `StableDiffusionPipeline.load_lora_weights(directory)` loads it. Under ZeRO-3 call it
-    inside deepspeed.zero.GatheredParameters (as checkpoint.save_checkpoint does)."""
-    from diffusers import StableDiffusionPipeline
-
+    so that the model's pipeline (`lora_format`: StableDiffusionPipeline, StableDiffusion3Pipeline or FluxPipeline)
+    loads it with `load_lora_weights(directory)`. Under ZeRO-3 call it inside deepspeed.zero.GatheredParameters (as
+    checkpoint.save_checkpoint does)."""
     module = _unwrap(unet)
     if adapter_name not in getattr(module, "peft_config", {}):
         raise ValueError(f"the UNet has no adapter named {adapter_name!r}")
-    metadata = module.peft_config[adapter_name].to_dict()
-    StableDiffusionPipeline.save_lora_weights(
+    pipeline, prefix = lora_format(module)
+    pipeline.save_lora_weights(
         str(directory),
-        unet_lora_layers=adapter_state_dict(module, adapter_name),
         weight_name=LORA_WEIGHT_NAME,
         safe_serialization=True,
-        unet_lora_adapter_metadata=metadata,
+        **{
+            f"{prefix}_lora_layers": adapter_state_dict(module, adapter_name),
+            f"{prefix}_lora_adapter_metadata": module.peft_config[adapter_name].to_dict(),
+        },
     )
 
 
@@ -165,7 +180,7 @@ def load_adapter(unet, directory, adapter_name=ADAPTER_NAME):
     module = _unwrap(unet)
     module.load_lora_adapter(
         str(directory),
-        prefix="unet",
+        prefix=lora_format(module)[1],
         weight_name=LORA_WEIGHT_NAME,
         use_safetensors=True,
         adapter_name=adapter_name,

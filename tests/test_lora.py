@@ -233,6 +233,38 @@ def test_saved_adapter_loads_into_a_diffusers_pipeline_and_merges(tmp_path, rank
     assert has_lora(unet), "merged_unet leaves its input alone"
 
 
+@pytest.mark.parametrize("family", ["tiny_sd3", "tiny_flux"])
+def test_a_transformer_adapter_is_saved_in_its_pipelines_lora_format_and_loads_back(tmp_path, family):
+    """SD3 / FLUX adapters are written as StableDiffusion3Pipeline / FluxPipeline write them ('transformer.' keys):
+    the pipeline's lora_state_dict reads them, and load_adapter and merged_unet give the adapted outputs."""
+    from prdp_ds.lora import lora_format
+    from prdp_ds.models import load_models
+
+    fresh = lambda: load_models(family, reference=False).unet  # noqa: E731
+    policy = add_lora(fresh(), 2)
+    perturb(policy)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 16, 8, 8, generator=gen)
+    t = torch.tensor([990.0, 500.0, 20.0])
+    emb = torch.randn(3, *load_models(family).encode_prompts([""]).shape[1:], generator=gen)
+    kw = {"guidance": torch.full((3,), 3.5)} if policy.guidance_distilled else {}
+    with torch.no_grad():
+        want = policy(x, t, emb, **kw).sample
+        assert (want - fresh()(x, t, emb, **kw).sample).abs().max() > 1e-3
+    save_adapter(policy, tmp_path / "lora")
+    pipeline, prefix = lora_format(policy)
+    assert prefix == "transformer" and pipeline.__name__ in ("StableDiffusion3Pipeline", "FluxPipeline")
+    state = pipeline.lora_state_dict(str(tmp_path / "lora"), weight_name=LORA_WEIGHT_NAME)
+    state = state[0] if isinstance(state, tuple) else state
+    assert state and all(k.startswith("transformer.") for k in state)
+    with torch.no_grad():
+        torch.testing.assert_close(load_adapter(fresh(), tmp_path / "lora")(x, t, emb, **kw).sample, want)
+        plain = merged_unet(policy)
+        plain.latent_side = getattr(policy, "latent_side", None)
+        assert type(plain) is type(policy) and not has_lora(plain)
+        torch.testing.assert_close(plain(x, t, emb, **kw).sample, want, rtol=1e-5, atol=1e-5)
+
+
 def test_full_finetuning_still_saves_the_full_unet(tmp_path):
     save_unet(build_tiny(0).unet, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["unet"]
