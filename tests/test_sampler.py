@@ -64,8 +64,12 @@ def test_recorded_log_ratio_equals_fp64_log_prob_difference(models):
         torch.testing.assert_close(traj.log_ratio_old[:, :, k].reshape(6).double(), want, rtol=1e-4, atol=1e-6)
 
 
-def test_policy_equal_to_reference_gives_zero_log_ratios_and_valid_images():
-    m = build_tiny(1)
+@pytest.mark.parametrize("family", ["tiny", "tiny_sd3", "tiny_flux"])
+def test_policy_equal_to_reference_gives_zero_log_ratios_and_valid_images(family):
+    """Through the reference pass (a separate, equal reference copy): r_old = 0 exactly, for every policy family."""
+    from prdp_ds.models import load_models
+
+    m = load_models(family, seed=1)
     traj = sample(m, ["a cat"], image_seeds(0, 0, [0], 4), 3, W)
     assert torch.equal(traj.log_ratio_old, torch.zeros(1, 4, 3))
     torch.testing.assert_close(traj.eps_old, traj.eps_ref, rtol=0, atol=0)
