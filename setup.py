@@ -11,7 +11,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["prdp_ds", "prdp_ds.*", "kernels", "kernels.*"]),
-    package_data={"prdp_ds": ["presets/*.yaml", "world/weights/*"]},
+    package_data={"prdp_ds": ["presets/*.yaml", "world/weights/*", "world/weights_flow/*"]},
     install_requires=[
         "torch>=2.4",
         "torchvision",

@@ -142,15 +142,18 @@ def test_pretrain_mixed_loss(n, share):
     assert mixed_loss(mse, w, share).item() == pytest.approx(expected, rel=1e-12)
 
 
-def test_shipped_weights_load_and_sample():
+@pytest.mark.parametrize("flow", [False, True])
+def test_shipped_weights_load_and_sample(flow):
     import os
 
-    from prdp_ds.sampler import sample
-    from prdp_ds.world.model import build_world_models
+    from prdp_ds.sampler import is_flow, sample
+    from prdp_ds.world.model import FLOW_WEIGHTS_DIR, build_world_models
 
-    total = sum(os.path.getsize(WEIGHTS_DIR / f) for f in ("unet.safetensors", "text_encoder.safetensors"))
+    folder = FLOW_WEIGHTS_DIR if flow else WEIGHTS_DIR
+    total = sum(os.path.getsize(folder / f) for f in ("unet.safetensors", "text_encoder.safetensors"))
     assert total <= 10 * 2**20
-    models = build_world_models()
+    models = build_world_models(flow=flow)
+    assert is_flow(models.scheduler) == flow
     assert models.vae.config.scaling_factor == 1.0 and next(models.vae.parameters()) is not None
     traj = sample(models, ["a large red circle in the centre"], torch.tensor([[1, 2]]), num_steps=3, guidance_scale=3.0)
     assert traj.images.shape == (1, 2, 3, 32, 32) and torch.isfinite(traj.images).all()

@@ -88,7 +88,7 @@ def test_adding_an_arm_trains_and_evaluates_only_that_arm(tmp_path, world, monke
     assert set(merged["settings"]["models"]) == {"prdp", "ddpo"}
     assert added["results"]["base"] == stored["results"]["base"]  # same noise, same base: the pairing holds
     walls = json.loads((out / "eval" / "seed_0" / "wall.json").read_text())
-    assert [w["arms"] for w in walls] == [["prdp"], ["ddpo"]]
+    assert [w["arms"] for w in walls] == [["prdp"], ["ddpo"]] and [w["trained"] for w in walls] == [["prdp"], ["ddpo"]]
     assert "ddpo" in (out / "results.md").read_text() and (out / "grid_world_demo_added_ddpo.png").is_file()
 
 

@@ -148,7 +148,8 @@ def arm_overrides(exp, arm, seed, quick):
 
 
 def train_arm(run_dir, preset, overrides):
-    """Train one arm into run_dir unless finished there; resume an unfinished run from its checkpoint."""
+    """Train one arm into run_dir unless finished there; resume an unfinished run from its checkpoint. Returns
+    whether it trained (False: finished before)."""
     from prdp_ds.train import main as train_main
 
     epochs = config_lib.resolve(preset, None, overrides).train.epochs
@@ -157,9 +158,10 @@ def train_arm(run_dir, preset, overrides):
     if checkpointed and any(
         json.loads(line)["epoch"] == epochs - 1 for line in metrics.read_text().splitlines() if line
     ):
-        return
+        return False
     argv = ["--preset", preset, "--output-dir", str(run_dir), *[a for o in overrides for a in ("--set", o)]]
     train_main([*argv, "--resume", "latest"])  # a run that never checkpointed starts again from scratch
+    return True
 
 
 def evaluate_seed(exp, out, seed, quick, arms, ev_dir):
@@ -278,7 +280,9 @@ def machine():
 
 def _walls(path):
     """A seed's wall-time records (eval/seed_S/wall.json): one per invocation that trained and evaluated arms of it,
-    {'arms', 'wall_s', 'machine', 'date'} (a single record without 'arms': written before arms could be added)."""
+    {'arms' (evaluated), 'trained' (trained here; the others had finished before), 'wall_s', 'machine', 'date',
+    optionally 'note'} (a single record without 'arms': written before arms could be added; without 'trained':
+    before it was recorded)."""
     if not path.is_file():
         return []
     walls = json.loads(path.read_text())
@@ -289,7 +293,10 @@ def _wall(walls):
     if not walls:
         return "not recorded"
     return ", ".join(
-        (f"{'+'.join(w['arms'])}: " if "arms" in w else "") + f"{w['wall_s']} s ({w['date']}, {w['machine']})"
+        (f"{'+'.join(w['arms'])}: " if "arms" in w else "")
+        + (f"(trained: {'+'.join(w['trained']) or 'none, evaluation only'}) " if "trained" in w else "")
+        + f"{w['wall_s']} s ({w['date']}, {w['machine']})"
+        + (f" [{w['note']}]" if "note" in w else "")
         for w in walls
     )
 
@@ -309,17 +316,26 @@ def run(name, seeds, out, quick=False):
         walls = _walls(wall)
         arms = [a for a in exp.arms if stored is None or a not in stored["results"]]
         if arms:
-            start = time.time()
+            start, trained = time.time(), []
             for arm in arms:
                 preset, overrides = arm_overrides(exp, arm, seed, quick)
-                train_arm(out / "runs" / arm / f"seed_{seed}", preset, overrides)
+                if train_arm(out / "runs" / arm / f"seed_{seed}", preset, overrides):
+                    trained.append(arm)
             if stored is None:
                 stored = evaluate_seed(exp, out, seed, quick, arms, ev_dir)
             else:
                 added = evaluate_seed(exp, out, seed, quick, arms, ev_dir / f"added_{'_'.join(arms)}")
                 stored = merge_evals(stored, added, arms)
                 done.write_text(json.dumps(stored, indent=1))
-            walls.append({"arms": arms, "wall_s": round(time.time() - start, 1), "machine": machine(), "date": now()})
+            walls.append(
+                {
+                    "arms": arms,
+                    "trained": trained,
+                    "wall_s": round(time.time() - start, 1),
+                    "machine": machine(),
+                    "date": now(),
+                }
+            )
             wall.write_text(json.dumps(walls))
         else:  # evaluated by earlier invocations: reused, with the wall times measured then
             print(f"{name} seed {seed}: reusing {done}", flush=True)

@@ -1,7 +1,8 @@
 """Pretrain the world's base model (UNet + text encoder jointly) on freshly generated scenes.
 
     python -m prdp_ds.world.pretrain --out prdp_ds/world/weights --minutes 30 --seed 0
-    python -m prdp_ds.world.pretrain --out prdp_ds/world/weights_flow --steps 7254 --seed 0 --objective flow
+    python -m prdp_ds.world.pretrain --out prdp_ds/world/weights_flow --steps 2500 --seed 0 --objective flow \
+        --init prdp_ds/world/weights
 
 Epsilon-prediction diffusion loss on the scenes' latents (model.PooledVAE.encode), mixing two means of the
 per-sample eps-MSE: (1 - plain_share) x its mean weighted by w(t) = clamp(1 / snr(t), 1, high_noise_weight) plus
@@ -15,9 +16,9 @@ steps), EMA weights (saved). Writes unet/text_encoder safetensors (fp16), traini
 seed, steps, losses, date, machine), README.md and loss.png into --out.
 
 --objective flow trains the flow-matching world instead (prdp_ds.world.model, `world_flow`): sigma ~ U(0, 1),
-x_sigma = (1 - sigma) x0 + sigma eps, the UNet at time sigma * 1000 regresses the velocity v = eps - x0 (plain
-MSE: at high noise v's error is x0's, so the early decisions need no reweighting), with the same captions, dropout,
-optimizer, schedule and EMA.
+x_sigma = (1 - sigma) x0 + sigma eps, the UNet at time sigma * 1000 regresses the velocity v = eps - x0 (plain MSE),
+with the same captions, dropout, optimizer, schedule and EMA. The shipped one starts from the DDIM world's weights
+(--init, the second command): from scratch it learnt images but not the text (docs/world.md, "Pretraining").
 """
 
 import argparse

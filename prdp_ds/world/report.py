@@ -60,8 +60,13 @@ def write_readme(weights=WEIGHTS_DIR, notes=""):
         lines += [
             "## Samples (`samples.png`)",
             "",
-            f"- {len(sa['prompts'])} prompts x {len(sa['seeds'][0])} seeds, DDIM {sa['num_steps']} steps, "
-            f"eta {sa['eta']}; {sa['layout']}",
+            f"- {len(sa['prompts'])} prompts x {len(sa['seeds'][0])} seeds, "
+            + (
+                f"flow SDE {sa['num_steps']} steps, noise level {sa['noise_level']}"
+                if sa.get("flow")
+                else f"DDIM {sa['num_steps']} steps, eta {sa['eta']}"
+            )
+            + f"; {sa['layout']}",
         ]
         for w, r in sa["results"].items():
             per = ", ".join(f"{k} {v:.2f}" for k, v in r["per_attribute"].items())
