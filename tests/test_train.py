@@ -469,10 +469,10 @@ def test_flow_models_train_the_same_on_one_and_two_ranks(tmp_path, family, ds_co
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "family,algo", [("tiny_sd3", "prdp"), ("tiny_flux", "ddpo"), ("tiny_flux", "grpo"), ("tiny_sd3", "dpok")]
-)
-def test_flow_models_resume_equals_a_straight_run_for_every_algorithm(tmp_path, family, algo):
+@pytest.mark.parametrize("family,algo", [("tiny_sd3", "prdp"), ("tiny_flux", "dpok")])
+def test_flow_models_resume_equals_a_straight_run(tmp_path, family, algo):
+    """PRDP and DPOK (its value net on a flow latent, with an SDE window). DDPO's and GRPO's steps are the same code
+    for every family (their tests run on the UNet; the flow chunk path: test_twopass)."""
     common = [*SMALL, *FLOW[family], "--set", f"algo.name={algo}", *BASELINES.get(algo, [])]
     straight, split = tmp_path / "straight", tmp_path / "split"
     run(["--output-dir", str(straight), "--set", "train.epochs=2", *common])
@@ -488,7 +488,7 @@ def test_flow_models_resume_equals_a_straight_run_for_every_algorithm(tmp_path, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", list(FLOW))
+@pytest.mark.parametrize("family", ["tiny_flux"])
 def test_flow_lora_on_zero3_starts_at_the_reference_and_saves_only_adapters(tmp_path, family):
     out = tmp_path / family
     lora = ["--set", "model.lora_rank=2", "--set", "train.lr=0.01", "--set", "train.steps_per_epoch=1"]
