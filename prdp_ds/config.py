@@ -313,15 +313,15 @@ def _relation_errors(cfg):
     return errors
 
 
-def sde_window(cfg):
-    """(start, stop): the stochastic steps of each trajectory, the ones the rollout records and the losses train."""
-    s = cfg.sampler
+def sde_window(s):
+    """(start, stop): the stochastic steps of each trajectory, the ones the rollout records and the losses train.
+    s: the sampler section, or anything with its num_steps, sde_steps and sde_start (prdp_ds.evaluate's arguments)."""
     return (s.sde_start, s.sde_start + s.sde_steps) if s.sde_steps else (0, s.num_steps)
 
 
 def recorded_steps(cfg):
     """T_sde: the steps in the SDE window (sde_window); T when every step is stochastic."""
-    start, stop = sde_window(cfg)
+    start, stop = sde_window(cfg.sampler)
     return stop - start
 
 

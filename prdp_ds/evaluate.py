@@ -322,7 +322,7 @@ def run_unit(models, reward_fn, prompts, ids, args):
             with_reference=False,
             spacing=args.spacing,
             noise_level=args.noise_level,
-            window=(args.sde_start, args.sde_start + args.sde_steps) if args.sde_steps else None,
+            window=config_lib.sde_window(args),
         ).images[:, 0]
         total, parts = reward_fn(images, batch)
         for name, v in {"total": total, **parts}.items():

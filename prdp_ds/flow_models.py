@@ -1,4 +1,4 @@
-"""Flow-matching transformers (SD3 / SD3.5, FLUX.1-dev) behind the trainer's policy contract (SPEC §15).
+"""Flow-matching transformers (SD3 / SD3.5, FLUX.1-dev) behind the trainer's policy contract (docs/flow.md).
 
     out = policy(x, t, emb).sample               # SD3
     out = policy(x, t, emb, guidance=g).sample   # FLUX (guidance-distilled: g is an input embedding, not a CFG pair)

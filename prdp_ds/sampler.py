@@ -358,10 +358,10 @@ def sample(
             eps_u, eps_c = cfg_predict(unet, x, t, cond, unc, guidance_scale)
             eps = guided_eps(eps_u.float(), eps_c.float(), guidance_scale)
             x_prev = a * x + b * eps + s * noise[:, k + 1]  # s = 0 outside the window: the deterministic step
-            if with_reference and start <= k < stop:
-                eps_old[idx, k - start] = eps
             if start <= k < stop:
                 latents[idx, k + 1 - start] = x_prev
+                if with_reference:
+                    eps_old[idx, k - start] = eps
             x = x_prev
         finals[idx] = x
     at_reference = policy_is_reference or models.unet is models.ref_unet

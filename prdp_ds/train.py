@@ -164,8 +164,9 @@ class Trainer:
         self.models.unet = self.engine  # the policy is called through the engine
         self.impl = resolve_impl(cfg.loss.impl, device)
         s = cfg.sampler
-        full = step_schedule(self.models.scheduler, s.num_steps, s.eta, s.spacing, s.noise_level, sde_window(cfg))
-        self.schedule = full.window(*sde_window(cfg)).to(device)  # the recorded steps' (a, b, sigma)
+        self.window = sde_window(s)
+        full = step_schedule(self.models.scheduler, s.num_steps, s.eta, s.spacing, s.noise_level, self.window)
+        self.schedule = full.window(*self.window).to(device)  # the recorded steps' (a, b, sigma)
         self.log = RunLog(output_dir, enabled=rank == 0)
         self.bad_in_a_row = 0
         ddpo = cfg.algo.name == "ddpo"
@@ -240,7 +241,7 @@ class Trainer:
             ref_batch_size=s.ref_batch_size,
             policy_is_reference=policy_is_reference,
             noise_level=s.noise_level,
-            window=sde_window(cfg),
+            window=self.window,
         )
         G, B = seeds.shape
         try:
@@ -268,7 +269,7 @@ class Trainer:
             with_reference=False,
             spacing=self.cfg.sampler.spacing,
             noise_level=self.cfg.sampler.noise_level,
-            window=sde_window(self.cfg),
+            window=self.window,
         )
         self.log.save_grid(epoch, traj.images)
         try:
