@@ -1,10 +1,13 @@
-"""Trainer runs that fail on purpose, for tests/test_faults.py.
+"""Trainer runs in forked processes: the tests' single-rank runs (tests/helpers.py `run`) and, for
+tests/test_faults.py, runs that fail on purpose.
 
 Each run is a fresh process forked from a server that imported the trainer once (multiprocessing's 'forkserver'),
-so a case costs its training, not the imports (~6 s). In the child, `_install` wraps the function each PHASE runs
-through, counting entries; at the chosen entry of the chosen phase the fault fires: 'kill' starts a timer thread
-that SIGKILLs the process `delay` seconds later (so the kill lands inside that phase or just after it), 'enospc'
-raises OSError(ENOSPC) there, as a full disk would.
+so a case costs its training, not the imports (~6 s of each `python -m prdp_ds.train`). In the child, `_install`
+wraps the function each PHASE runs through, counting entries; at the chosen entry of the chosen phase the fault
+fires: 'kill' starts a timer thread that SIGKILLs the process `delay` seconds later (so the kill lands inside that
+phase or just after it), 'enospc' raises OSError(ENOSPC) there, as a full disk would. A run without a fault is
+`python -m prdp_ds.train` but for the imports: the exit code, stdout and stderr are the same (an error message ends
+the run with code 1, as it does there).
 """
 
 import collections
@@ -71,13 +74,17 @@ def _install(fault, counts):
     train.build_reward = lambda *args, **kwargs: _CountedReward(build_reward(*args, **kwargs), hit)
 
 
-def _child(argv, fault, counts_file, log_file):
+def _child(argv, fault, counts_file, out_file, err_file, threads, cwd):
+    import torch
+
     from prdp_ds import train
 
-    log = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    for fd in (1, 2):  # the server's stdout and stderr are those of whoever started it: the run's go to the log
-        os.dup2(log, fd)
-
+    for fd, name in ((1, out_file), (2, err_file)):  # the server's stdout and stderr are its starter's: use files
+        os.dup2(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_APPEND), fd)
+    if threads:
+        torch.set_num_threads(threads)
+    if cwd:
+        os.chdir(cwd)
     with socket.socket() as s:  # the server's environment may name a port an in-process run of the parent held
         s.bind(("127.0.0.1", 0))
         os.environ["MASTER_PORT"] = str(s.getsockname()[1])
@@ -90,20 +97,35 @@ def _child(argv, fault, counts_file, log_file):
             Path(counts_file).write_text(json.dumps(counts))
 
 
-def run(argv, fault=None, counts_file=None, timeout=600):
-    """`prdp_ds.train.main(argv)` in a forked process -> (its exit code (-9: killed), its stdout and stderr).
-    fault: None or {'phase': one of PHASES, 'at': the entry (1-based) that fires, 'action': 'kill' or 'enospc',
-    'delay': seconds}. counts_file: where the child writes its entries per phase (when it is not killed)."""
+def _fork(argv, fault, counts_file, timeout, threads, cwd, split):
+    """The child's exit code and its output: (stdout, stderr) when split, else the two in one text as written."""
     global _context
     if _context is None:
         _context = multiprocessing.get_context("forkserver")
         _context.set_forkserver_preload(["prdp_ds.train", "deepspeed", "fault_injection"])
     with tempfile.TemporaryDirectory() as tmp:
-        log = Path(tmp) / "log"
-        proc = _context.Process(target=_child, args=(list(argv), fault, counts_file and str(counts_file), str(log)))
+        out, err = Path(tmp) / "stdout", Path(tmp) / ("stderr" if split else "stdout")
+        counts_file = counts_file and str(counts_file)
+        args = (list(argv), fault, counts_file, str(out), str(err), threads, cwd and str(cwd))
+        proc = _context.Process(target=_child, args=args)
         proc.start()
         proc.join(timeout)
         if proc.is_alive():
             proc.kill()
             raise TimeoutError(f"prdp_ds.train {' '.join(argv)} ran past {timeout} s")
-        return proc.exitcode, log.read_text() if log.exists() else ""
+        texts = [p.read_text() if p.exists() else "" for p in dict.fromkeys((out, err))]
+        return proc.exitcode, texts if split else texts[0]
+
+
+def run(argv, fault=None, counts_file=None, timeout=600):
+    """`prdp_ds.train.main(argv)` in a forked process -> (its exit code (-9: killed), its stdout and stderr as one
+    text). fault: None or {'phase': one of PHASES, 'at': the entry (1-based) that fires, 'action': 'kill' or 'enospc',
+    'delay': seconds}. counts_file: where the child writes its entries per phase (when it is not killed)."""
+    return _fork(argv, fault, counts_file, timeout, None, None, split=False)
+
+
+def run_train(argv, threads=None, cwd=None, timeout=900):
+    """`python -m prdp_ds.train ARGV` as a forked process -> (exit code, stdout, stderr). threads: torch's
+    intra-op threads (OMP_NUM_THREADS for a fresh process); cwd: the directory it runs in."""
+    code, (out, err) = _fork(argv, None, None, timeout, threads, cwd, split=True)
+    return code, out, err

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import fault_injection
 import torch
 
 from prdp_ds.config import Config
@@ -111,27 +112,19 @@ def _port():
 
 
 def run(args, ranks=1, check=True, threads=None):
-    """`python -m prdp_ds.train ARGS` (the `tiny_demo` preset unless ARGS name a preset or config file)."""
+    """`python -m prdp_ds.train ARGS` (the `tiny_demo` preset unless ARGS name a preset or config file) ->
+    subprocess.CompletedProcess. One rank: forked from a server that imported the trainer once
+    (tests/fault_injection.py), else under the deepspeed launcher with one torch thread per rank (unless `threads`)."""
     if "--preset" not in args and "--train-config" not in args:
         args = ["--preset", "tiny_demo", *args]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MASTER_PORT": str(_port())}
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
     if ranks == 1:
         cmd = [sys.executable, "-m", "prdp_ds.train", *args]
+        proc = subprocess.CompletedProcess(cmd, *fault_injection.run_train(args, threads=threads, cwd=REPO))
     else:  # one torch thread per rank: two ranks x two threads on 2 cores run several times slower
-        env.setdefault("OMP_NUM_THREADS", "1")
-        cmd = [
-            str(Path(sys.executable).parent / "deepspeed"),
-            "--num_gpus",
-            str(ranks),
-            "--master_port",
-            env["MASTER_PORT"],
-            "--module",
-            "prdp_ds.train",
-            *args,
-        ]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "MASTER_PORT": str(_port()), "OMP_NUM_THREADS": str(threads or 1)}
+        launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks)]
+        cmd = [*launcher, "--master_port", env["MASTER_PORT"], "--module", "prdp_ds.train", *args]
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
