@@ -49,6 +49,8 @@ DDPO = ["algo.name=ddpo"]  # same lr, sampler, prompts and reward queries as PRD
 # DPOK's defaults but its rate of value steps: one per 6 sampled images (docs/algorithms.md), 128 / 6 per epoch
 DPOK = ["algo.name=dpok", "dpok.value_updates=21"]
 NO_CLIP = ["loss.clip_range=1.0e9"]
+# E1, E3, E4 and E5 ran at the demo's settings of before its beta sweep (results/world/demo/sweep.md)
+DEMO_0 = ["loss.kl_weight=0.05", "train.lr=1.0e-4"]
 QUICK = [
     "train.epochs=1",
     "train.steps_per_epoch=1",
@@ -79,10 +81,10 @@ EXPERIMENTS = {
         "reward (paper Table 1)",
         "PRDP reaches a higher reward than DDPO on the training prompts, and both beat the base model.",
         {
-            "prdp": ("demo", []),
-            "ddpo": ("demo", DDPO),
-            "grpo": ("demo", ["algo.name=grpo"]),
-            "dpok": ("demo", DPOK),
+            "prdp": ("demo", DEMO_0),
+            "ddpo": ("demo", DEMO_0 + DDPO),
+            "grpo": ("demo", DEMO_0 + ["algo.name=grpo"]),
+            "dpok": ("demo", DEMO_0 + DPOK),
         },
         ("world_demo",),
         samples=64,
@@ -109,10 +111,10 @@ EXPERIMENTS = {
         "Smaller beta raises the reward faster; larger beta keeps the samples closer to the base model "
         "(here: the judge's accuracy on the prompts falls less).",
         {
-            "prdp_beta_0.01": ("demo", AESTHETIC + ["loss.kl_weight=0.01"]),
-            "prdp_beta_0.05": ("demo", AESTHETIC + ["loss.kl_weight=0.05"]),
-            "prdp_beta_0.25": ("demo", AESTHETIC + ["loss.kl_weight=0.25"]),
-            "ddpo": ("demo", AESTHETIC + DDPO),
+            "prdp_beta_0.01": ("demo", DEMO_0 + AESTHETIC + ["loss.kl_weight=0.01"]),
+            "prdp_beta_0.05": ("demo", DEMO_0 + AESTHETIC + ["loss.kl_weight=0.05"]),
+            "prdp_beta_0.25": ("demo", DEMO_0 + AESTHETIC + ["loss.kl_weight=0.25"]),
+            "ddpo": ("demo", DEMO_0 + AESTHETIC + DDPO),
         },
         ("world_demo",),
         samples=64,
@@ -121,7 +123,7 @@ EXPERIMENTS = {
         "online vs offline at the demo's settings, same reward queries and gradient steps (paper Fig. 7)",
         "Online training reaches a clearly higher reward than offline training on trajectories sampled "
         "once from the base model.",
-        {"online": ("demo", []), "offline": ("demo", ["algo.online=false"])},
+        {"online": ("demo", DEMO_0), "offline": ("demo", DEMO_0 + ["algo.online=false"])},
         ("world_demo",),
         samples=64,
     ),
@@ -135,7 +137,7 @@ EXPERIMENTS = {
     "E5": Experiment(
         "the proximal clip at the demo's settings: PRDP with and without it on world_demo (paper Table 5)",
         "Removing the proximal clip lowers the reward (training is less stable).",
-        {"clip": ("demo", []), "no_clip": ("demo", NO_CLIP)},
+        {"clip": ("demo", DEMO_0), "no_clip": ("demo", DEMO_0 + NO_CLIP)},
         ("world_demo",),
         samples=64,
     ),
