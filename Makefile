@@ -34,7 +34,7 @@ $(STAMP): setup.py constraints.txt
 	$(PIP) -e ".[test,dev]"
 	touch $@
 
-# The demo: PRDP on the shipped world model (CPU, 9 min 36 s on 2 cores on 2026-12-07), then the base and the finetuned
+# The demo: PRDP on the shipped world model (CPU, 6 min 0 s on 2 cores on 2026-12-07), then the base and the finetuned
 # model sampled on the same 256 fresh noises (seed 100, never used in training) and scored by the judge.
 # A second `make demo` continues (or just re-reports) the run in $(DEMO_DIR).
 demo: $(STAMP)
