@@ -97,35 +97,35 @@ def _child(argv, fault, counts_file, out_file, err_file, threads, cwd):
             Path(counts_file).write_text(json.dumps(counts))
 
 
-def _fork(argv, fault, counts_file, timeout, threads, cwd, split):
-    """The child's exit code and its output: (stdout, stderr) when split, else the two in one text as written."""
+def _fork(argv, fault, counts_file, timeout, threads, cwd, merged):
+    """The child's exit code, stdout and stderr; merged: both in the first text, as written, and '' in the second."""
     global _context
     if _context is None:
         _context = multiprocessing.get_context("forkserver")
         _context.set_forkserver_preload(["prdp_ds.train", "deepspeed", "fault_injection"])
     with tempfile.TemporaryDirectory() as tmp:
-        out, err = Path(tmp) / "stdout", Path(tmp) / ("stderr" if split else "stdout")
-        counts_file = counts_file and str(counts_file)
-        args = (list(argv), fault, counts_file, str(out), str(err), threads, cwd and str(cwd))
+        out = Path(tmp) / "stdout"
+        err = out if merged else Path(tmp) / "stderr"
+        args = (list(argv), fault, counts_file and str(counts_file), str(out), str(err), threads, cwd and str(cwd))
         proc = _context.Process(target=_child, args=args)
         proc.start()
         proc.join(timeout)
         if proc.is_alive():
             proc.kill()
             raise TimeoutError(f"prdp_ds.train {' '.join(argv)} ran past {timeout} s")
-        texts = [p.read_text() if p.exists() else "" for p in dict.fromkeys((out, err))]
-        return proc.exitcode, texts if split else texts[0]
+        read = lambda path: path.read_text() if path.exists() else ""  # noqa: E731
+        return proc.exitcode, read(out), "" if merged else read(err)
 
 
 def run(argv, fault=None, counts_file=None, timeout=600):
     """`prdp_ds.train.main(argv)` in a forked process -> (its exit code (-9: killed), its stdout and stderr as one
     text). fault: None or {'phase': one of PHASES, 'at': the entry (1-based) that fires, 'action': 'kill' or 'enospc',
     'delay': seconds}. counts_file: where the child writes its entries per phase (when it is not killed)."""
-    return _fork(argv, fault, counts_file, timeout, None, None, split=False)
+    code, log, _ = _fork(argv, fault, counts_file, timeout, None, None, merged=True)
+    return code, log
 
 
 def run_train(argv, threads=None, cwd=None, timeout=900):
     """`python -m prdp_ds.train ARGV` as a forked process -> (exit code, stdout, stderr). threads: torch's
     intra-op threads (OMP_NUM_THREADS for a fresh process); cwd: the directory it runs in."""
-    code, (out, err) = _fork(argv, None, None, timeout, threads, cwd, split=True)
-    return code, out, err
+    return _fork(argv, None, None, timeout, threads, cwd, merged=False)
