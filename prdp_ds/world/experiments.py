@@ -41,10 +41,11 @@ from prdp_ds import config as config_lib
 
 SCORES = ("world_alignment", "world_judge", "world_aesthetic")
 EVAL_REWARD = "{world_alignment: 1.0, world_judge: 0.0, world_aesthetic: 0.0}"
+# E3: the hackable image-only reward for 24 of the demo's epochs, where the hacking shows (results/world/README.md, E3)
 AESTHETIC = [
     "reward={world_aesthetic: 1.0, world_alignment: 0.0, world_judge: 0.0}",
-    "train.epochs=8",
-]  # 4 arms: 8 of the demo's epochs each keeps a seed within the 30-minute budget
+    "train.epochs=24",
+]
 DDPO = ["algo.name=ddpo"]  # same lr, sampler, prompts and reward queries as PRDP
 # DPOK's defaults but its rate of value steps: one per 6 sampled images (docs/algorithms.md), 128 / 6 per epoch
 DPOK = ["algo.name=dpok", "dpok.value_updates=21"]
@@ -59,7 +60,7 @@ SEEN_30 = [
     "train.lr=1.5e-4",
     "loss.kl_weight=0.01",
 ]
-# E1, E3, E4 and E5 ran at the demo's settings of before its beta sweep (results/world/demo/sweep.md)
+# E1, E4 and E5 ran at the demo's settings of before its beta sweep (results/world/demo/sweep.md)
 DEMO_0 = ["loss.kl_weight=0.05", "train.lr=1.0e-4"]
 QUICK = [
     "train.epochs=1",
@@ -114,15 +115,14 @@ EXPERIMENTS = {
         samples=16,
     ),
     "E3": Experiment(
-        "KL regularization against reward hacking at the demo's settings: the image-only aesthetic reward, PRDP "
-        "at three beta, and DDPO (paper Fig. 8, 10)",
+        "KL regularization against reward hacking: the image-only aesthetic reward for 24 of the demo's epochs, "
+        "PRDP at beta 0.01 (the demo's) and 0.25, and DDPO (no KL term) (paper Fig. 8, 10)",
         "Smaller beta raises the reward faster; larger beta keeps the samples closer to the base model "
         "(here: the judge's accuracy on the prompts falls less).",
         {
-            "prdp_beta_0.01": ("demo", DEMO_0 + AESTHETIC + ["loss.kl_weight=0.01"]),
-            "prdp_beta_0.05": ("demo", DEMO_0 + AESTHETIC + ["loss.kl_weight=0.05"]),
-            "prdp_beta_0.25": ("demo", DEMO_0 + AESTHETIC + ["loss.kl_weight=0.25"]),
-            "ddpo": ("demo", DEMO_0 + AESTHETIC + DDPO),
+            "prdp_beta_0.01": ("demo", AESTHETIC + ["loss.kl_weight=0.01"]),
+            "prdp_beta_0.25": ("demo", AESTHETIC + ["loss.kl_weight=0.25"]),
+            "ddpo": ("demo", AESTHETIC + DDPO),
         },
         ("world_demo",),
         samples=64,
