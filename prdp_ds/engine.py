@@ -15,6 +15,7 @@ import math
 import os
 import socket
 import sys
+from pathlib import Path
 
 import torch
 
@@ -52,7 +53,28 @@ def init_distributed():
         local = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local)
         return rank, world, torch.device("cuda", local)
+    _unlink_shm_buffer(rank, world)
     return rank, world, torch.device("cpu")
+
+
+def _unlink_shm_buffer(rank, world):
+    """DeepSpeed's CPU backend, when every rank is on this machine (the launcher's LOCAL_SIZE equals the world size),
+    creates a 66 MB shared-memory buffer per rank (/dev/shm/deepspeed_allreduce_buffer_UID_ADDR_PORT_RANK) and never
+    unlinks it: each run would leave its buffers in RAM until reboot. By the time init_distributed returns every rank
+    has mapped every other's, so after a barrier each rank unlinks its own name; the mappings live on, and the memory
+    is freed when the last rank exits, however it exits."""
+    name = "_".join(
+        [
+            "deepspeed_allreduce_buffer",
+            str(os.getuid()),
+            os.environ.get("MASTER_ADDR", ""),
+            os.environ.get("MASTER_PORT", ""),
+            str(rank),
+        ]
+    )
+    if world > 1:
+        torch.distributed.barrier()
+    (Path("/dev/shm") / name).unlink(missing_ok=True)
 
 
 def run_on_ranks(prog, fn):
