@@ -63,15 +63,8 @@ def _unlink_shm_buffer(rank, world):
     unlinks it: each run would leave its buffers in RAM until reboot. By the time init_distributed returns every rank
     has mapped every other's, so after a barrier each rank unlinks its own name; the mappings live on, and the memory
     is freed when the last rank exits, however it exits."""
-    name = "_".join(
-        [
-            "deepspeed_allreduce_buffer",
-            str(os.getuid()),
-            os.environ.get("MASTER_ADDR", ""),
-            os.environ.get("MASTER_PORT", ""),
-            str(rank),
-        ]
-    )
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
     if world > 1:
         torch.distributed.barrier()
     (Path("/dev/shm") / name).unlink(missing_ok=True)
